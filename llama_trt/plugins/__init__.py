@@ -17,4 +17,20 @@ def all_specs() -> list[FusedOpSpec]:
     return [RMS, ROPE]
 
 
-__all__ = ["DOMAIN", "FusedOpSpec", "all_specs"]
+def load(mode: str = "aot") -> list[str]:
+    """Register every fused op's TensorRT plugin (full TensorRT only); idempotent.
+
+    Used by the engine builder and by the runtime before deserializing an engine that
+    contains our plugins. Returns the plugin ids (``llama_trt::RMSNorm`` ...). Raises
+    :class:`llama_trt.errors.BackendUnavailableError` when ``tensorrt.plugin`` is missing.
+    """
+    import importlib
+
+    ids = []
+    for spec in all_specs():
+        module = importlib.import_module(f"{__name__}.{spec.torch_name}.trt_plugin")
+        ids.append(module.register_plugins(mode=mode))
+    return ids
+
+
+__all__ = ["DOMAIN", "FusedOpSpec", "all_specs", "load"]
