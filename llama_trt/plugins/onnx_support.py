@@ -38,6 +38,10 @@ def ensure_schema(schema_factory) -> None:
     import path) is left alone.
     """
     import onnx
+    # onnx.reference builds a name -> schema table once, at import, and refuses an op
+    # name that exists in two domains (our RotaryEmbedding vs opset-23 RotaryEmbedding).
+    # Import it before registering so it (and onnxscript, which imports it) keeps working.
+    import onnx.reference  # noqa: F401
 
     schema = schema_factory()
     key = (schema.domain, schema.name, schema.since_version)
