@@ -1,0 +1,464 @@
+"""``validate``: torch fp32 reference vs the artifact under ONNX Runtime or TensorRT.
+
+Flow (Polygraphy is the harness):
+
+1. check the inputs (artifact manifest, checkpoint config == manifest config, backend
+   installed) -> :class:`ValidationError` / :class:`BackendUnavailableError` (exit 2);
+2. build the feed list from real token ids (:mod:`.inputs`) and run
+   ``Comparator.run([torch, candidate], data_loader=feeds)``;
+3. ``Comparator.compare_accuracy`` with ``SimpleCompareFunc`` (``CompareFunc.simple``'s
+   non-deprecated class) and per-output atol/rtol (``""`` = default);
+4. LLM metrics from the same RunResults: top-1 agreement, KL, cosine (all valid query
+   positions of all feeds), perplexity of the held-out sequence;
+5. greedy generation with the KV cache, each backend on its own, through the same runners;
+6. optionally (``layerwise``) a second comparison on a copy of the ONNX with the layer
+   points marked as outputs (:mod:`.layerwise`).
+
+The verdict is the conjunction of the elementwise comparisons and the metric gates
+(top-1, KL, cosine, greedy); perplexity and the layer-wise table are diagnostics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import LlamaConfig, Precision
+from ..errors import ValidationError
+from . import metrics as M
+from .report import (
+    FeedInfo, GreedyResult, LayerPoint, LayerwiseResult, MetricResult, OutputResult, PerplexityResult,
+    ValidationReport, finite,
+)
+from .tolerances import METRICS, Tolerances, default_tolerances
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+# --------------------------------------------------------------------------------------
+# artifact + checkpoint checks
+# --------------------------------------------------------------------------------------
+class Artifact:
+    """What validate needs from an artifact folder (ONNX export or TensorRT engine)."""
+
+    def __init__(self, folder: Path, kind: str, manifest: dict, config: LlamaConfig, precision: Precision,
+                 model_file: Path, source_sha256: str | None, kv_dtype: str):
+        self.folder, self.kind, self.manifest, self.config = folder, kind, manifest, config
+        self.precision, self.model_file, self.source_sha256 = precision, model_file, source_sha256
+        self.kv_dtype = np.dtype(kv_dtype)  # past/present (= activation) dtype, from the IO specs
+        self.max_tokens: int | None = None  # engines: optimisation-profile limit on seq / context
+
+
+def _past_dtype(inputs, fallback: str) -> str:
+    for t in inputs:
+        name = t["name"] if isinstance(t, dict) else t.name
+        if name.startswith("past_key_values."):
+            return t["dtype"] if isinstance(t, dict) else t.dtype
+    return fallback
+
+
+def open_artifact(folder, backend: str) -> Artifact:
+    """ONNX export folder (onnxruntime) or engine folder (tensorrt), through their own loaders."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ValidationError(f"artifact folder not found: {folder} (pass an export folder from `llama-trt export`)")
+    if backend == "onnxruntime":
+        from ..exporter import load_manifest
+
+        m = load_manifest(folder)  # ExportError (exit 2) with a clear message
+        return Artifact(folder, "onnx", m.to_dict(), m.llama_config, Precision.parse(m.dtype), m.model_path(folder),
+                        m.source_sha256, _past_dtype(m.inputs, m.kv_dtype))
+    from ..trt_engines.manifest import load_engine_manifest
+
+    e = load_engine_manifest(folder)  # BuildError (exit 2) with a clear message
+    sha = (e.source.get("manifest") or {}).get("source_sha256")
+    art = Artifact(folder, "engine", e.to_dict(), e.llama_config, Precision.parse(e.precision),
+                   folder / e.engine_file, sha, e.kv_dtype)
+    limits = e.shape_limits
+    if limits.max_batch < 2:
+        raise ValidationError(f"{folder}: the engine's max batch is {limits.max_batch}; validation feeds use batch 2 "
+                              "(rebuild with a batch limit >= 2)")
+    art.max_tokens = min(limits.max_seq, limits.max_context)
+    return art
+
+
+def check_config_match(ckpt_config: LlamaConfig, artifact: Artifact, checkpoint) -> None:
+    a, b = ckpt_config.to_dict(), artifact.config.to_dict()
+    diffs = [f"{k}: checkpoint {a.get(k)!r} vs artifact {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        raise ValidationError(
+            f"checkpoint {checkpoint} does not match the artifact {artifact.folder} "
+            f"(config differs: {'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}); "
+            "pass the checkpoint the artifact was exported from"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_polygraphy(verbose: bool = False):
+    from polygraphy.logger import G_LOGGER
+
+    if verbose:
+        yield
+        return
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        yield
+
+
+@contextlib.contextmanager
+def torch_threads_for(config: LlamaConfig):
+    """One intra-op thread for small models (restored afterwards).
+
+    For models of a few million parameters every op is microseconds of work, and waking an
+    OpenMP pool costs more: measured here on 2 busy cores, a 40-wide softmax took 16 ms with
+    2 threads and 14 us with 1 (stories260K validation: 7.5 s -> 0.1 s to sample 64 tokens).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    small = config.num_parameters() < 50_000_000
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(before)
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("torch", "onnx", "onnxruntime", "polygraphy", "numpy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    from .runners import tensorrt_version
+
+    trt = tensorrt_version()
+    if trt:
+        out["tensorrt"] = trt
+    return out
+
+
+def _candidate_runner(artifact: Artifact, backend: str, onnx_path=None, name=None):
+    from .runners import onnxrt_runner, trt_runner
+
+    if backend == "onnxruntime":
+        return onnxrt_runner(onnx_path or artifact.model_file, name=name or "onnxruntime")
+    return trt_runner(artifact.model_file, name=name or "tensorrt")
+
+
+def _copy_outputs(outputs) -> dict:
+    return {k: np.array(v, copy=True) for k, v in outputs.items()}
+
+
+def greedy_generate(runner, prompt: list[int], steps: int, num_layers: int, kv_dtype, head_shape) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decoding through any Polygraphy runner with the KV cache (batch 1)."""
+    from collections import OrderedDict
+
+    from ..exporter.feeds import positions_from_mask
+    from .runners import past_names
+
+    names = past_names(num_layers)
+    ids = np.asarray([prompt], dtype=np.int64)
+    mask = np.ones((1, len(prompt)), dtype=np.int64)
+    past = [np.zeros((1, head_shape[0], 0, head_shape[1]), dtype=kv_dtype) for _ in names]
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        feed = OrderedDict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, ids.shape[1]))
+        feed.update((n, np.ascontiguousarray(p.astype(kv_dtype, copy=False))) for n, p in zip(names, past))
+        out = _copy_outputs(runner.infer(feed))
+        last = out["logits"][0, -1].astype(np.float64)
+        step_logits.append(last)
+        nxt = int(np.argmax(last))
+        tokens.append(nxt)
+        past = [out[f"present.{i}.{kv}"] for i in range(num_layers) for kv in ("key", "value")]
+        ids = np.asarray([[nxt]], dtype=np.int64)
+        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+    return tokens, step_logits
+
+
+def _gate(name: str, value: float, threshold: float | None) -> MetricResult:
+    op, desc = METRICS[name]
+    if threshold is None:
+        return MetricResult(name, finite(value), None, "", None, desc)
+    ok = value >= threshold if op == ">=" else value <= threshold
+    ok = bool(ok) and not np.isnan(value)
+    return MetricResult(name, finite(value), float(threshold), op, ok, desc)
+
+
+def _output_results(accuracy, feed_names, tolerances: Tolerances, runner_pair) -> list[OutputResult]:
+    out = []
+    for it, per_output in enumerate(accuracy[runner_pair]):
+        for name, res in per_output.items():
+            atol, rtol = tolerances.for_output(name)
+            out.append(OutputResult(
+                feed=feed_names[it], output=name, max_abs=finite(res.max_absdiff), mean_abs=finite(res.mean_absdiff),
+                max_rel=finite(res.max_reldiff), atol=atol, rtol=rtol, passed=bool(res),
+            ))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# validate
+# --------------------------------------------------------------------------------------
+def validate(
+    artifact_dir,
+    checkpoint,
+    backend: str = "onnxruntime",
+    steps: int = 32,
+    tolerances: dict | Tolerances | None = None,
+    layerwise: bool = False,
+    heldout_tokens=None,
+    heldout_length: int = 64,
+    seed: int = 0,
+    run_results_path=None,
+    verbose: bool = False,
+) -> ValidationReport:
+    """Validate an artifact against the fp32 torch model of ``checkpoint``.
+
+    ``tolerances``: overrides on top of the precision's defaults (``{"logits": (atol, rtol),
+    "present.*": (atol, rtol), "": default, "kl": 1e-4, "top1": 0.98, ...}``) or a full
+    :class:`Tolerances`. ``run_results_path``: where to save Polygraphy's RunResults.
+    Raises :class:`ValidationError` / :class:`BackendUnavailableError` (usage problems);
+    a failed comparison is a report with ``passed=False``.
+    """
+    t0 = time.perf_counter()
+    if backend not in BACKENDS:
+        raise ValidationError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValidationError(f"steps must be a positive integer, got {steps!r}")
+    if backend == "tensorrt":
+        from .runners import require_tensorrt
+
+        require_tensorrt()  # fail fast, before loading anything
+    artifact = open_artifact(artifact_dir, backend)
+
+    from ..checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    check_config_match(ckpt.config, artifact, checkpoint)
+    with torch_threads_for(ckpt.config):
+        return _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise,
+                        heldout_tokens, heldout_length, seed, run_results_path, verbose, t0)
+
+
+def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise, heldout_tokens,
+             heldout_length, seed, run_results_path, verbose, t0) -> ValidationReport:
+    from ..checkpoint import build_model
+
+    notes = []
+    if artifact.source_sha256 and artifact.source_sha256 != ckpt.fingerprint():
+        notes.append(
+            "checkpoint files differ from the ones the artifact was made from (sha256 mismatch); "
+            "same config, so comparing anyway"
+        )
+    if isinstance(tolerances, Tolerances):
+        tol = tolerances
+    else:
+        tol = default_tolerances(artifact.precision).with_overrides(dict(tolerances or {}))
+    cfg = ckpt.config
+
+    model = build_model(ckpt, "fp32")
+    from .inputs import build_feed_list, describe, sample_tokens
+
+    if heldout_tokens is None:
+        n = min(heldout_length, cfg.max_position_embeddings, artifact.max_tokens or heldout_length)
+        heldout = sample_tokens(model, n, seed=seed, bos=cfg.bos_token_id)
+    else:
+        heldout = [int(t) for t in heldout_tokens]
+        bad = [t for t in heldout if not 0 <= t < cfg.vocab_size]
+        if len(heldout) < 16 or bad:
+            raise ValidationError(f"held-out tokens must be >= 16 ids in 0..{cfg.vocab_size - 1}")
+    prompt = heldout[:8]
+    limit = min(cfg.max_position_embeddings, artifact.max_tokens or cfg.max_position_embeddings)
+    if len(prompt) + steps > limit:
+        raise ValidationError(f"--steps {steps} + prompt {len(prompt)} exceeds the context limit {limit}; use fewer steps")
+    feeds = build_feed_list(model, heldout, artifact.kv_dtype)
+    feed_names = [f.name for f in feeds]
+    del model
+
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.exception import PolygraphyException
+
+    from .runners import TorchRunner, output_names
+
+    ref_runner = TorchRunner(ckpt, past_dtype=artifact.kv_dtype, name="torch-fp32")
+    cand_runner = _candidate_runner(artifact, backend)
+    names = output_names(cfg.num_layers)
+    unknown = tol.unmatched(names)
+    if unknown:
+        raise ValidationError(
+            f"--tol names no output: {', '.join(unknown)} (outputs: logits, present.{{i}}.key/value, "
+            "layerwise.* with --layerwise; metrics: " + ", ".join(METRICS) + ")"
+        )
+    atol, rtol = tol.resolve(names)
+    compare = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise")
+    try:
+        with quiet_polygraphy(verbose):
+            run_results = Comparator.run([ref_runner, cand_runner], data_loader=[f.feed for f in feeds])
+            accuracy = Comparator.compare_accuracy(run_results, compare_func=compare)[0]
+            if run_results_path is not None:
+                run_results.save(str(run_results_path))
+    except PolygraphyException as e:
+        raise ValidationError(f"running the artifact failed (does it follow the IO contract?): {e}") from None
+    pair = (ref_runner.name, cand_runner.name)
+    outputs = _output_results(accuracy, feed_names, tol, pair)
+
+    # ---- LLM metrics over every real query position of every feed ----------
+    ref_iters, cand_iters = run_results[0][1], run_results[1][1]
+    kl, top1, cos = [], [], []
+    ppl_ref = ppl_cand = float("nan")
+    for f, ri, ci in zip(feeds, ref_iters, cand_iters):
+        r = np.asarray(ri["logits"], dtype=np.float64)[f.valid]
+        c = np.asarray(ci["logits"], dtype=np.float64)[f.valid]
+        kl.append(M.kl_divergence(r, c))
+        top1.append(M.top1_matches(r, c))
+        cos.append(M.cosine_similarity(r, c))
+        if f.name == "heldout":
+            ppl_ref = M.perplexity(np.asarray(ri["logits"])[0], heldout)
+            ppl_cand = M.perplexity(np.asarray(ci["logits"])[0], heldout)
+    kl, top1, cos = np.concatenate(kl), np.concatenate(top1), np.concatenate(cos)
+
+    # ---- greedy generation, each backend on its own -------------------------
+    head_shape = (cfg.num_kv_heads, cfg.head_dim)
+    try:
+        with quiet_polygraphy(verbose):
+            with TorchRunner(ckpt, past_dtype=np.float32, name="torch-greedy") as r:
+                ref_tokens, ref_steps = greedy_generate(r, prompt, steps, cfg.num_layers, np.float32, head_shape)
+            with _candidate_runner(artifact, backend, name=f"{backend}-greedy") as r:
+                cand_tokens, cand_steps = greedy_generate(r, prompt, steps, cfg.num_layers, artifact.kv_dtype, head_shape)
+    except PolygraphyException as e:
+        raise ValidationError(f"greedy generation on the artifact failed: {e}") from None
+    agreement, first_div = M.greedy_agreement(ref_tokens, cand_tokens)
+    upto = steps if first_div is None else first_div + 1
+    kl_steps = [float(M.kl_divergence(a, b)) for a, b in zip(ref_steps[:upto], cand_steps[:upto])]
+    margin = None
+    if first_div is not None:
+        top2 = np.sort(ref_steps[first_div])[-2:]
+        margin = float(top2[1] - top2[0])
+    greedy = GreedyResult(
+        prompt=tuple(prompt), steps=steps, reference_tokens=tuple(ref_tokens), candidate_tokens=tuple(cand_tokens),
+        agreement=float(agreement), first_divergence=first_div, kl_per_step=tuple(finite(k) for k in kl_steps),
+        top1_margin_at_divergence=margin,
+    )
+
+    thresholds = tol.metrics
+    metric_results = [
+        _gate("top1", float(top1.mean()), thresholds.get("top1")),
+        _gate("kl", float(kl.mean()), thresholds.get("kl")),
+        _gate("cosine", float(cos.mean()), thresholds.get("cosine")),
+        _gate("greedy", float(agreement), thresholds.get("greedy")),
+        MetricResult("kl_max", finite(float(kl.max())), None, "", None, "max KL over positions (info)"),
+        MetricResult("cosine_min", finite(float(cos.min())), None, "", None, "min cosine over positions (info)"),
+        MetricResult("positions", float(len(kl)), None, "", None, "positions compared for top1/kl/cosine"),
+        MetricResult("ppl_reference", finite(ppl_ref), None, "", None, "perplexity of the held-out ids, torch fp32"),
+        MetricResult("ppl_candidate", finite(ppl_cand), None, "", None, f"perplexity of the held-out ids, {backend}"),
+    ]
+    perplexity = PerplexityResult(
+        tokens=len(heldout), reference=finite(ppl_ref), candidate=finite(ppl_cand),
+        relative_difference=finite(abs(ppl_cand - ppl_ref) / ppl_ref),
+    )
+
+    # ---- layer-wise ------------------------------------------------------------
+    layer_result = None
+    if layerwise:
+        layer_result = _layerwise(artifact, backend, ckpt, feeds[0], tol, verbose)
+
+    failures = []
+    failed_by_output: dict[str, list[OutputResult]] = {}
+    for o in outputs:
+        if not o.passed:
+            failed_by_output.setdefault(o.output, []).append(o)
+    for name, rows in failed_by_output.items():  # one line per output: its worst feed
+        w = max(rows, key=lambda r: r.max_abs)
+        failures.append(
+            f"output {name}: max abs error {w.max_abs:.3g} (max rel {w.max_rel:.3g}) exceeds atol {w.atol:g} / "
+            f"rtol {w.rtol:g} (worst feed {w.feed}; failing feeds: {', '.join(r.feed for r in rows)})"
+        )
+    for m in metric_results:
+        if m.passed is False:
+            failures.append(f"metric {m.name}: {m.value:.6g} fails {m.op} {m.threshold:g} ({m.description})")
+
+    report = ValidationReport(
+        artifact=str(Path(artifact_dir).resolve()),
+        artifact_kind=artifact.kind,
+        checkpoint=str(Path(checkpoint).resolve()),
+        backend=backend,
+        precision=artifact.precision.value,
+        passed=not failures,
+        failures=tuple(failures),
+        feeds=tuple(FeedInfo(**describe(f)) for f in feeds),
+        heldout_tokens=tuple(heldout),
+        tolerances={k: (float(v[0]), float(v[1])) for k, v in tol.elementwise.items()},
+        metric_thresholds={k: float(v) for k, v in tol.metrics.items()},
+        outputs=tuple(outputs),
+        metrics=tuple(metric_results),
+        greedy=greedy,
+        perplexity=perplexity,
+        layerwise=layer_result,
+        versions=tool_versions(),
+        manifest=artifact.manifest,
+        notes=tuple(notes),
+        run_results=str(Path(run_results_path).resolve()) if run_results_path is not None else None,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return report
+
+
+def _layerwise(artifact: Artifact, backend: str, ckpt, feed, tol: Tolerances, verbose: bool) -> LayerwiseResult:
+    from onnx import TensorProto
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+
+    from . import layerwise as LW
+    from .runners import TorchRunner
+
+    if artifact.kind != "onnx":
+        raise ValidationError(
+            "--layerwise needs the ONNX export (it marks intermediate tensors as outputs); "
+            "run it with --backend onnxruntime on the export folder"
+        )
+    elem = TensorProto.FLOAT16 if artifact.kv_dtype == np.float16 else TensorProto.FLOAT
+    with tempfile.TemporaryDirectory(prefix="llama-trt-layerwise-") as tmp:
+        marked = Path(tmp) / "model.layerwise.onnx"
+        points = LW.mark_layer_outputs(artifact.model_file, marked, ckpt.config.num_layers, elem)
+        ref = TorchRunner(ckpt, past_dtype=artifact.kv_dtype, capture=LW.torch_capture(points), name="torch-layerwise")
+        cand = _candidate_runner(artifact, backend, onnx_path=marked, name=f"{backend}-layerwise")
+        names = [p.output_name for p in points]
+        atol, rtol = tol.resolve(names)
+        compare = SimpleCompareFunc(
+            atol=atol, rtol=rtol, check_error_stat="elemwise",
+            find_output_func=lambda name, index, result: [name] if name in names else None,
+        )
+        with quiet_polygraphy(verbose):
+            with ref:  # count check: RMSNorm modules in torch == RMSNorm nodes in the graph
+                n_torch = LW.count_torch_norms(ref.model)
+            if n_torch != 2 * ckpt.config.num_layers + 1:
+                raise ValidationError(f"layerwise: torch model has {n_torch} RMSNorm modules, graph mapping needs "
+                                      f"{2 * ckpt.config.num_layers + 1}")
+            results = Comparator.run([ref, cand], data_loader=[feed.feed])
+            accuracy = Comparator.compare_accuracy(results, compare_func=compare)[0]
+    per_output = accuracy[(ref.name, cand.name)][0]
+    rows = []
+    for idx, p in enumerate(points):
+        res = per_output[p.output_name]
+        a, r = tol.for_output(p.output_name)
+        rows.append(LayerPoint(
+            index=idx, layer=p.layer, point=p.name, onnx_tensor=p.onnx_tensor, max_abs=finite(res.max_absdiff),
+            mean_abs=finite(res.mean_absdiff), max_rel=finite(res.max_reldiff), atol=a, rtol=r, passed=bool(res),
+        ))
+    first = next((row for row in rows if not row.passed), None)
+    return LayerwiseResult(
+        feed=feed.name, points=tuple(rows),
+        first_failing_layer=None if first is None else first.layer,
+        first_failing_point=None if first is None else first.point,
+    )
