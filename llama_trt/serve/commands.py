@@ -1,0 +1,59 @@
+"""``llama-trt serve`` and ``llama-trt package`` (each parses, calls one library function, prints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli_support import friendly_errors
+
+
+
+@click.command("serve")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", default=8, show_default=True, type=int, help="Decode slots batched in one step.")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Requests waiting for a slot; beyond it: 503 + Retry-After.")
+@click.option("--api-key", envvar="LLAMA_TRT_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (env LLAMA_TRT_API_KEY); /health stays open.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto (engine -> tensorrt, export -> onnxruntime, checkpoint -> torch), or one of them.")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=int, help="Larger bodies get 413.")
+@click.option("--model-name", default=None, help="Model id clients send (default: the artifact folder name).")
+@click.option("--log-level", default="info", show_default=True)
+@friendly_errors
+def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, max_body_bytes, model_name, log_level):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (completions, chat, SSE streaming, /metrics)."""
+    from .server import serve
+    from .settings import ServeSettings
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: binding {host} without --api-key exposes the model to the network", err=True)
+    settings = ServeSettings(host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    serve(artifact, settings, backend=backend, max_batch=max_batch, max_queue=max_queue, model_name=model_name,
+          log_level=log_level)
+
+
+@click.command("package")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--triton", "triton_out", type=click.Path(path_type=Path), required=True,
+              help="Write a Triton Inference Server model repository here.")
+@click.option("--model-name", default=None, help="Triton model name (default: the engine folder name).")
+@click.option("--max-batch", default=8, show_default=True, type=int, help="Slots of the generate model.")
+@click.option("--instances", default=1, show_default=True, type=int, help="GPU instances of the plan model.")
+@click.option("--force", is_flag=True, help="Replace the models in OUT if they exist.")
+@friendly_errors
+def package_cmd(engine_dir, triton_out, model_name, max_batch, instances, force):
+    """Package ENGINE_DIR for Triton: a tensorrt_plan model + a python generate model (see docs/serving.md)."""
+    from .triton import package_triton
+
+    out = package_triton(engine_dir, triton_out, model_name=model_name, force=force, max_batch=max_batch,
+                         instances=instances)
+    for d in sorted(p for p in out.iterdir() if p.is_dir()):
+        click.echo(f"wrote {d}")
+
+
+__all__ = ["package_cmd", "serve_cmd"]
