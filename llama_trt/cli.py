@@ -6,28 +6,18 @@ with exit code 2 (usage / input problems); a failed validation exits 1.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import LlamaTrtError
-
-
-def friendly_errors(fn):
-    """Turn LlamaTrtError into one clear line and its exit code (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LlamaTrtError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
+from .cli_support import friendly_errors
+from .exporter.commands import export_cmd
+from .runtime.commands import bench_command, run_command
+from .serve.commands import package_cmd, serve_cmd
+from .trt_engines.commands import build_cmd
+from .validate.commands import validate_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,7 +54,31 @@ def create_tiny(out_dir: Path, seed: int, force: bool) -> None:
     click.echo(f"wrote {path}")
 
 
-# Stage commands register here (one line each).
+@main.command()
+@click.option("--out", "out_dir", default="llama-trt-demo", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the checkpoint, exports, engines, reports and summary.json.")
+@click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,
+              help="Size of the built-in model (tiny: for quick checks).")
+@click.option("--force", is_flag=True, help="Replace --out even if it is not an earlier demo folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly_errors
+def demo(out_dir: Path, size: str, force: bool, as_json: bool) -> None:
+    """Run the whole pipeline on a built-in seeded LLaMA (no download): export fp32/fp16/int8,
+    validate each against torch, build TensorRT engines where installed, generate, bench."""
+    from .demo import render_summary, run_demo
+
+    summary = run_demo(out_dir, size=size, force=force)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        render_summary(summary)
+    if not summary.passed:
+        sys.exit(1)
+
+
+# Stage commands, in pipeline order.
+for _command in (export_cmd, build_cmd, validate_cmd, run_command, bench_command, serve_cmd, package_cmd):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
