@@ -1,0 +1,47 @@
+"""The README's main command, end to end on the tiny size: `llama-trt demo`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from llama_trt.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "tiny", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passed"] is True
+    rows = {row["artifact"]: row for row in summary["rows"]}
+    for name in ("onnx-fp32", "onnx-fp16", "onnx-int8"):
+        row = rows[name]
+        assert row["verdict"] == "pass" and row["tokens_per_s"] > 0
+        report = json.loads(open(row["report"]).read())
+        assert report["passed"] is True
+        assert (out / "reports" / f"{name}.png").stat().st_size > 1000
+    # int8 weights are stored as int8 (the embedding table stays fp32 by default)
+    sizes = [rows[n]["size_bytes"] for n in ("onnx-int8", "onnx-fp16", "onnx-fp32")]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[1] < sizes[2], sizes
+    # text in, text out through the demo's own tokenizer
+    assert summary["prompt"] == "Once upon a time" and len(summary["generated_text"]) > 0
+    from llama_trt.trt_engines.backend import available_backends
+
+    engines = [name for name in rows if name.startswith("engine-")]
+    if available_backends():
+        assert len(engines) == 2
+        for name in engines:
+            assert (out / name.split(" ")[0] / "model.plan").stat().st_size > 0
+    else:
+        assert engines == [] and any("no TensorRT engines" in n for n in summary["notes"])
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--size", "tiny"])
+    assert r.exit_code == 2 and "is not an earlier demo folder" in r.output
+    assert (tmp_path / "keep.txt").read_text() == "user data"
