@@ -35,6 +35,8 @@ setup(
         "rtx": ["tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings"],
         # GPU runtime pieces: CUDA ONNX Runtime and Triton kernels.
         "gpu": ["onnxruntime-gpu", "triton"],
+        # Triton kernels; on a CPU-only machine they run in the interpreter (TRITON_INTERPRET=1).
+        "kernels": ["triton"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "sse-starlette>=2"],
         "dev": [
             "pytest>=8",
@@ -46,6 +48,7 @@ setup(
             "uvicorn>=0.29",
             "prometheus-client>=0.20",
             "sse-starlette>=2",
+            "tritonclient[grpc]>=2.40",  # Triton's model_config protobuf, to check `package` output
         ],
     },
     entry_points={"console_scripts": ["llama-trt=llama_trt.cli:main"]},
