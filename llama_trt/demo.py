@@ -168,8 +168,9 @@ def run_demo(out_dir="llama-trt-demo", *, size: str = "small", force: bool = Fal
     reports = {}
     for name, path in exports.items():
         stage(f"3/6 validate {name} against torch (fp32)")
-        report = validate(path, ckpt, steps=steps, run_results_path=out / "reports" / f"{name}.run_results.json")
         (out / "reports").mkdir(exist_ok=True)
+        report = validate(path, ckpt, steps=steps, progress=True,
+                          run_results_path=out / "reports" / f"{name}.run_results.json")
         report_path = out / "reports" / f"{name}.json"
         plot_path = out / "reports" / f"{name}.png"
         report.save(report_path)

@@ -51,7 +51,7 @@ def validate_cmd(artifact_dir, checkpoint, backend, report_path, plot_path, step
     if rr_path is not None:
         rr_path.parent.mkdir(parents=True, exist_ok=True)
     report = validate(artifact_dir, checkpoint, backend=backend, steps=steps, tolerances=overrides,
-                      layerwise=layerwise, run_results_path=rr_path, verbose=verbose)
+                      layerwise=layerwise, run_results_path=rr_path, verbose=verbose, progress=True)
     render_report(report)
     if report_path:
         report.save(report_path)

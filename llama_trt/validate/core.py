@@ -223,12 +223,14 @@ def validate(
     seed: int = 0,
     run_results_path=None,
     verbose: bool = False,
+    progress: bool = False,
 ) -> ValidationReport:
     """Validate an artifact against the fp32 torch model of ``checkpoint``.
 
     ``tolerances``: overrides on top of the precision's defaults (``{"logits": (atol, rtol),
     "present.*": (atol, rtol), "": default, "kl": 1e-4, "top1": 0.98, ...}``) or a full
     :class:`Tolerances`. ``run_results_path``: where to save Polygraphy's RunResults.
+    ``progress``: show the stages on stderr (rich) while it runs.
     Raises :class:`ValidationError` / :class:`BackendUnavailableError` (usage problems);
     a failed comparison is a report with ``passed=False``.
     """
@@ -245,15 +247,47 @@ def validate(
 
     from ..checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    check_config_match(ckpt.config, artifact, checkpoint)
-    with torch_threads_for(ckpt.config):
-        return _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise,
-                        heldout_tokens, heldout_length, seed, run_results_path, verbose, t0)
+    with Stages(progress, total=5 + bool(layerwise)) as stage:
+        stage("load checkpoint")
+        ckpt = load_checkpoint(checkpoint)
+        check_config_match(ckpt.config, artifact, checkpoint)
+        with torch_threads_for(ckpt.config):
+            return _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise,
+                            heldout_tokens, heldout_length, seed, run_results_path, verbose, t0, stage)
+
+
+class Stages:
+    """A rich progress bar over named stages (a no-op when ``enabled`` is False)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self._progress = self._task = None
+
+    def __enter__(self) -> "Stages":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("validate: {task.description}"), BarColumn(),
+                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("start", total=self.total)
+        return self
+
+    def __call__(self, description: str) -> None:
+        if self._progress is not None:
+            task = self._progress.tasks[0]
+            if task.description != "start":
+                self._progress.advance(self._task)
+            self._progress.update(self._task, description=description)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise, heldout_tokens,
-             heldout_length, seed, run_results_path, verbose, t0) -> ValidationReport:
+             heldout_length, seed, run_results_path, verbose, t0, stage) -> ValidationReport:
     from ..checkpoint import build_model
 
     notes = []
@@ -268,6 +302,7 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
         tol = default_tolerances(artifact.precision).with_overrides(dict(tolerances or {}))
     cfg = ckpt.config
 
+    stage("reference feeds from real token ids")
     model = build_model(ckpt, "fp32")
     from .inputs import build_feed_list, describe, sample_tokens
 
@@ -303,6 +338,7 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
         )
     atol, rtol = tol.resolve(names)
     compare = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise")
+    stage(f"Comparator.run: torch fp32 vs {backend} ({len(feeds)} feeds)")
     try:
         with quiet_polygraphy(verbose):
             run_results = Comparator.run([ref_runner, cand_runner], data_loader=[f.feed for f in feeds])
@@ -330,6 +366,7 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
     kl, top1, cos = np.concatenate(kl), np.concatenate(top1), np.concatenate(cos)
 
     # ---- greedy generation, each backend on its own -------------------------
+    stage(f"greedy generation, {steps} steps per backend")
     head_shape = (cfg.num_kv_heads, cfg.head_dim)
     try:
         with quiet_polygraphy(verbose):
@@ -372,6 +409,7 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
     # ---- layer-wise ------------------------------------------------------------
     layer_result = None
     if layerwise:
+        stage("layer-wise comparison")
         layer_result = _layerwise(artifact, backend, ckpt, feeds[0], tol, verbose)
 
     failures = []
