@@ -6,7 +6,7 @@ continuous-batching scheduler over any runtime ``Session``; ``build_engine`` ope
 app/server modules (``pip install llama-trt[serve]``).
 """
 
-from .engine import Engine, GenRequest, InvalidRequestError, QueueFullError, SamplingParams
+from .engine import Engine, GenRequest, InvalidRequestError, QueueFullError
 from .settings import ServeSettings
 
 
@@ -17,5 +17,4 @@ def create_app(engine, settings=None):
     return _create_app(engine, settings)
 
 
-__all__ = ["Engine", "GenRequest", "InvalidRequestError", "QueueFullError", "SamplingParams", "ServeSettings",
-           "create_app"]
+__all__ = ["Engine", "GenRequest", "InvalidRequestError", "QueueFullError", "ServeSettings", "create_app"]

@@ -27,9 +27,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LlamaTrtError
+from ..runtime.generate import GenerationConfig
 from .engine import (
     Engine, EngineStoppedError, ErrorEvent, FinishEvent, GenRequest, InvalidRequestError, QueueFullError,
-    SamplingParams, TokenEvent,
+    TokenEvent, request_config,
 )
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
@@ -186,7 +187,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                                 "(see GET /v1/models)", "invalid_request_error", "model", "model_not_found")
         return req
 
-    def sampling(req, max_tokens: int) -> SamplingParams:
+    def sampling(req, max_tokens: int) -> GenerationConfig:
         unsupported = []
         if req.n != 1:
             unsupported.append(("n", "n > 1 is not supported; send separate requests"))
@@ -213,7 +214,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         if stops and engine.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer and this model has none; use stop_token_ids",
                            param="stop")
-        return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_k=int(req.top_k),
+        return request_config(max_tokens, temperature=float(req.temperature), top_k=int(req.top_k),
                               top_p=float(req.top_p), repetition_penalty=float(req.repetition_penalty),
                               seed=req.seed, stop_strings=tuple(s for s in stops if s),
                               stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos))
@@ -232,7 +233,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         except InvalidRequestError as e:
             raise APIError(e.status, e.message, param=e.param, code=e.code) from None
 
-    def submit(ids: list[int], params: SamplingParams) -> GenRequest:
+    def submit(ids: list[int], params: GenerationConfig) -> GenRequest:
         greq = GenRequest(ids, params, loop=asyncio.get_running_loop())
         try:
             engine.submit(greq)

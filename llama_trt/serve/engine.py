@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LlamaTrtError
+from ..runtime.generate import GenerationConfig
 from ..runtime.sampling import sample_next
 from ..runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -70,19 +71,11 @@ class EngineStoppedError(LlamaTrtError):
 
 # ---------------------------------------------------------------------------------------
 # requests and the events they receive
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation settings (same meaning as :class:`GenerationConfig`)."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_strings: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+def request_config(max_tokens: int, **sampling) -> GenerationConfig:
+    """The :class:`GenerationConfig` of one served request. The one place where the request
+    field ``max_tokens`` (OpenAI, Triton) becomes ``max_new_tokens``; ``sampling``: the other
+    :class:`GenerationConfig` fields, same names."""
+    return GenerationConfig(max_new_tokens=max_tokens, **sampling)
 
 
 @dataclass(frozen=True)
@@ -115,7 +108,7 @@ _ids = itertools.count(1)
 class GenRequest:
     """One sequence from admission to finish. Created on the event loop; driven by the scheduler thread."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, prompt_ids: list[int], params: GenerationConfig, loop: asyncio.AbstractEventLoop | None = None):
         self.id = next(_ids)
         self.prompt_ids = [int(i) for i in prompt_ids]
         self.params = params
@@ -372,7 +365,8 @@ class Engine:
         if p.repetition_penalty != 1.0:
             r.seen = np.zeros(self.vocab_size, dtype=bool)
             r.seen[r.prompt_ids] = True
-        r.stop_ids = (set() if p.ignore_eos else set(self.eos_ids)) | set(p.stop_token_ids)
+        eos = self.eos_ids if p.eos_token_ids is None else p.eos_token_ids  # None (always, from serve): the model's
+        r.stop_ids = (set() if p.ignore_eos else set(eos)) | set(p.stop_token_ids)
         r.text = _TextState(self.tokenizer, p.stop_strings)
 
     def _iteration(self) -> None:
@@ -476,7 +470,7 @@ class Engine:
             hit = r.text.check_stop(r.generated)
             if hit is not None:
                 reason, stop = "stop", hit
-            elif len(r.generated) >= r.params.max_tokens:
+            elif len(r.generated) >= r.params.max_new_tokens:
                 reason = "length"
         r.emit(TokenEvent(tok, r.text.delta(tok, reason is not None), now))
         if reason is not None:
@@ -497,4 +491,4 @@ class Engine:
 
 
 __all__ = ["Engine", "EngineStats", "EngineStoppedError", "ErrorEvent", "FinishEvent", "GenRequest",
-           "InvalidRequestError", "QueueFullError", "SamplingParams", "TokenEvent"]
+           "InvalidRequestError", "QueueFullError", "TokenEvent", "request_config"]

@@ -85,7 +85,7 @@ class TritonPythonModel:
         return None  # decoupled: responses go through the senders
 
     def _submit(self, request):
-        from llama_trt.serve.engine import GenRequest, SamplingParams
+        from llama_trt.serve.engine import GenRequest, request_config
 
         eng = self.engine
         text = _scalar(request, "text_input")
@@ -97,8 +97,8 @@ class TritonPythonModel:
         if _scalar(request, "max_tokens", None) is None:
             max_tokens = min(max_tokens, self.default_max_tokens)
         seed = _scalar(request, "seed", None)
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=float(_scalar(request, "temperature", 0.0)),
+        params = request_config(
+            max_tokens, temperature=float(_scalar(request, "temperature", 0.0)),
             top_k=int(_scalar(request, "top_k", 0)), top_p=float(_scalar(request, "top_p", 1.0)),
             repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
             seed=int(seed) if seed is not None else None, stop_strings=_strings(request, "stop"))

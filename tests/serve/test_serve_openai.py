@@ -117,9 +117,10 @@ def test_metrics(server, client):
 
 def test_static_batching_fallback_matches_solo(tiny_export, run_cli):
     """continuous=False (what TensorRT engines get): groups admitted when the batch drains, same tokens."""
+    from llama_trt.runtime.generate import GenerationConfig
     from llama_trt.runtime.sessions import open_session
     from llama_trt.runtime.tokenizer import load_tokenizer
-    from llama_trt.serve.engine import Engine, FinishEvent, GenRequest, SamplingParams
+    from llama_trt.serve.engine import Engine, FinishEvent, GenRequest
 
     tok = load_tokenizer(tiny_export)
     prompts = ["the cat sat on the mat", "hello world", "a big red dog ran to the house and"]
@@ -127,7 +128,7 @@ def test_static_batching_fallback_matches_solo(tiny_export, run_cli):
     eng = Engine(open_session(tiny_export, "onnxruntime"), tok, model_name=MODEL, max_batch=2, continuous=False)
     eng.start()
     try:
-        reqs = [eng.submit(GenRequest(tok.encode(p), SamplingParams(max_tokens=9))) for p in prompts]
+        reqs = [eng.submit(GenRequest(tok.encode(p), GenerationConfig(max_new_tokens=9))) for p in prompts]
         got = []
         for r in reqs:
             while not isinstance(ev := r.events.get(timeout=30), FinishEvent):

@@ -15,174 +15,34 @@ Two implementations, chosen by :func:`register_plugins`:
   ``NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS`` (or ``PREFER_JIT_...``),
   otherwise TensorRT refuses to choose.
 
-Facts about ``tensorrt.plugin`` this relies on (read from the 10.x/11.x module source):
-
-* ``register`` reads real annotation objects (``inspect.signature``), so this module must
-  not use ``from __future__ import annotations``. Attribute annotations decide the plugin
-  field types: builtin ``float``/``int`` would declare FLOAT64/INT64 fields, so the
-  attributes are declared ``npt.NDArray[np.float32]`` / ``npt.NDArray[np.int32]`` to match
-  what the ONNX parser sends (FLOAT -> FLOAT32, INT -> INT32, one element).
-* The AOT plugin calls ``aot_impl(*inputs, *all_attrs, outputs, tactic)`` -- every attribute,
-  in registration order -- and launches the PTX kernel with arguments
-  ``(input pointers..., extra int32 scalars..., output pointers...)``; the kernels of this
-  package use exactly that order. Only ``SymInt32`` extra arguments exist (no floats), so
-  ``epsilon`` is a ``tl.constexpr``.
-* Triton >= 3.3 appends hidden ``global_scratch``/``profile_scratch`` pointer parameters to
-  every kernel, which TensorRT does not pass. When the kernel does not use them (scratch
-  sizes 0, no references in the PTX) they are removed from the PTX entry, so the PTX
-  signature is exactly what TensorRT launches; otherwise compilation is refused.
-* Plugin attributes are not serialized into an engine built with the AOT implementation.
+The registration machinery, the Triton -> PTX helpers and the ``tensorrt.plugin`` facts
+they rely on (real annotations, AOT launch argument order, Triton's hidden scratch parameters)
+live in :mod:`llama_trt.plugins.trt_support`. ``epsilon`` is a float attribute, so the AOT
+kernel takes it as a ``tl.constexpr``.
 """
 
-# NOTE: no ``from __future__ import annotations`` here (see above).
+# NOTE: no ``from __future__ import annotations``: tensorrt.plugin inspects real annotations.
 
-import re
-import threading
-from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
+
+from ..trt_support import (
+    CompiledKernel,
+    PluginRegistration,
+    aot_launch,
+    compile_triton_to_ptx,
+    static_dim,
+    strip_unused_trailing_params,  # noqa: F401 - re-exported: tests import it from here
+    trt_dtype_to_triton,
+)
 
 PLUGIN_NAMESPACE = "llama_trt"
 PLUGIN_NAME = "RMSNorm"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 
-_MODES = ("aot", "jit", "both")
-_LOCK = threading.Lock()
-_STATE: Dict[str, object] = {"defined": False, "impls": set()}
-# Triton GPUTarget to compile the AOT kernels for; None = the current CUDA device.
-_AOT_TARGET = {"target": None}
-
-__all__ = [
-    "PLUGIN_ID",
-    "CompiledKernel",
-    "build_rms_norm_ptx",
-    "compile_triton_to_ptx",
-    "register_plugins",
-    "strip_unused_trailing_params",
-    "trt_dtype_to_triton",
-]
-
-
-# ----------------------------------------------------------------------------- helpers
-# (also used by the RoPE plugin)
-
-
-class CompiledKernel(NamedTuple):
-    name: str          # PTX entry name
-    ptx: str
-    block_x: int       # threads per block = num_warps * warp size
-    shared_mem: int    # dynamic shared memory in bytes
-
-
-def trt_dtype_to_triton(dtype) -> str:
-    """Triton pointer element type string ("fp32", "fp16", "bf16", "i64", "i32") of a TensorRT dtype."""
-    import tensorrt as trt
-
-    table = {
-        trt.float32: "fp32",
-        trt.float16: "fp16",
-        trt.bfloat16: "bf16",
-        trt.int64: "i64",
-        trt.int32: "i32",
-    }
-    if dtype not in table:
-        raise TypeError(f"llama_trt plugins: unsupported TensorRT dtype {dtype}")
-    return table[dtype]
-
-
-def strip_unused_trailing_params(ptx: str, entry: str, n_params: int) -> str:
-    """Drop the PTX entry parameters after the first ``n_params`` if the body never uses them.
-
-    Triton appends scratch-pointer parameters that TensorRT's AOT launch does not supply.
-    """
-    m = re.search(r"(\.entry\s+" + re.escape(entry) + r"\s*\()(.*?)(\))", ptx, flags=re.S)
-    if m is None:
-        raise ValueError(f"PTX has no entry named {entry!r}")
-    params = [p.strip() for p in m.group(2).split(",") if p.strip()]
-    if len(params) < n_params:
-        raise ValueError(f"PTX entry {entry} has {len(params)} parameters, expected at least {n_params}")
-    if len(params) == n_params:
-        return ptx
-    body = ptx[: m.start()] + ptx[m.end():]
-    for p in params[n_params:]:
-        pname = p.split()[-1]
-        if re.search(r"\b" + re.escape(pname) + r"\b", body):
-            raise ValueError(
-                f"Triton kernel {entry} uses its hidden parameter {pname} (global/profile scratch); "
-                "TensorRT's AOT launch cannot supply it. Simplify the kernel or use the JIT implementation."
-            )
-    new_params = ",\n".join("\t" + p for p in params[:n_params])
-    return ptx[: m.start(2)] + "\n" + new_params + "\n" + ptx[m.end(2):]
-
-
-def compile_triton_to_ptx(
-    fn,
-    signature: Dict[str, str],
-    constexprs: Dict[str, object],
-    *,
-    num_warps: int,
-    n_launch_params: int,
-    aligned: Sequence[str] = (),
-    target=None,
-) -> CompiledKernel:
-    """Compile a ``@triton.jit`` function to PTX for a TensorRT AOT plugin.
-
-    ``signature`` lists every kernel argument in order ("*fp16", "i32", ... or "constexpr");
-    ``constexprs`` gives the constexpr values (``None`` drops an optional pointer argument);
-    ``n_launch_params`` is how many arguments TensorRT passes (inputs + extra scalars +
-    outputs); ``aligned`` names arguments known to be 16-byte aligned / divisible by 16
-    (enables vectorized memory access); ``target`` is a ``triton.backends.compiler.GPUTarget``
-    (``None``: the current CUDA device).
-    """
-    import triton
-    from triton.compiler import ASTSource
-
-    if target is None:
-        target = _AOT_TARGET["target"]
-    names = list(signature)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    try:
-        src = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
-    except TypeError:  # triton < 3.3: constexprs are not part of the signature
-        runtime_sig = {k: v for k, v in signature.items() if v != "constexpr"}
-        src = ASTSource(fn=fn, signature=runtime_sig, constants=dict(constexprs))
-    compiled = triton.compile(src, target=target, options={"num_warps": int(num_warps)})
-    md = compiled.metadata
-    for field in ("global_scratch_size", "profile_scratch_size"):
-        if int(getattr(md, field, 0) or 0):
-            raise ValueError(f"Triton kernel {md.name} needs {field}={getattr(md, field)}; unsupported in TensorRT AOT")
-    ptx = compiled.asm["ptx"]
-    ptx = strip_unused_trailing_params(ptx, md.name, n_launch_params)
-    warp = int(getattr(md, "warp_size", 32) or 32)
-    return CompiledKernel(md.name, ptx, int(md.num_warps) * warp, int(md.shared))
-
-
-def static_dim(desc, axis: int, what: str) -> int:
-    """A dimension that must be a build-time constant (or min == max in the profile)."""
-    se = desc.shape_expr[axis]
-    if not se.is_fake and se.is_constant:
-        return int(se.constant_value())
-    try:
-        shape = desc.shape
-        d = int(shape[axis])
-        if d >= 0:
-            return d
-        lo, hi = shape.min[axis], shape.max[axis]
-        if lo == hi:
-            return int(lo)
-    except Exception:  # noqa: BLE001 - shape may be unavailable at this stage
-        pass
-    raise ValueError(f"{what} (axis {axis}) must be static for the AOT kernel; make it a fixed dimension in the ONNX model")
-
-
-def _row_count_expr(desc):
-    """Symbolic product of all but the last dimension (rows of a [..., hidden] tensor); 1 for 1-D."""
-    exprs = desc.shape_expr
-    rows = None
-    for i in range(len(exprs) - 1):
-        rows = exprs[i] if rows is None else rows * exprs[i]
-    return 1 if rows is None else rows
+__all__ = ["PLUGIN_ID", "build_rms_norm_ptx", "register_plugins"]
 
 
 # ----------------------------------------------------------------------------- kernel build
@@ -263,6 +123,15 @@ def _define(trtp, trt):
         return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32*FP16*BF16, FP32|FP16|BF16", "LINEAR")]
 
 
+def _row_count_expr(desc):
+    """Symbolic product of all but the last dimension (rows of a [..., hidden] tensor); 1 for 1-D."""
+    exprs = desc.shape_expr
+    rows = None
+    for i in range(len(exprs) - 1):
+        rows = exprs[i] if rows is None else rows * exprs[i]
+    return 1 if rows is None else rows
+
+
 def _define_aot(trtp, trt):
     @trtp.aot_impl(PLUGIN_ID)
     def rms_norm_aot_impl(
@@ -279,10 +148,7 @@ def _define_aot(trtp, trt):
 
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(n_rows, cfg.BLOCK_M) if not isinstance(n_rows, int) else -(-n_rows // cfg.BLOCK_M)
-        launch.block_x = kernel.block_x
-        launch.shared_mem = kernel.shared_mem
-        extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n_rows), trtp.SymInt32(n_cols)])
-        return kernel.name.encode(), kernel.ptx.encode(), launch, extra_args
+        return aot_launch(trtp, kernel, launch, (n_rows, n_cols))
 
 
 def _define_jit(trtp, trt):
@@ -306,6 +172,9 @@ def _define_jit(trtp, trt):
             out_t.copy_(rms_norm_triton(x_t, w_t, eps))
 
 
+_REGISTRATION = PluginRegistration(PLUGIN_NAMESPACE, PLUGIN_NAME, _define, _define_aot, _define_jit)
+
+
 def register_plugins(mode: str = "aot", target=None) -> str:
     """Register ``llama_trt::RMSNorm`` with TensorRT's plugin registry. Idempotent.
 
@@ -319,48 +188,4 @@ def register_plugins(mode: str = "aot", target=None) -> str:
     Returns the plugin id. Raises :class:`llama_trt.errors.BackendUnavailableError` when
     ``tensorrt.plugin`` (or, for "aot", TensorRT's AOT plugin support) is missing.
     """
-    if mode not in _MODES:
-        raise ValueError(f"register_plugins: mode must be one of {_MODES}, got {mode!r}")
-    trtp, trt = _import_trt_plugin(mode)
-    with _LOCK:
-        if target is not None:
-            _AOT_TARGET["target"] = target
-        if not _STATE["defined"]:
-            if not _already_defined(trtp):
-                _define(trtp, trt)
-            _STATE["defined"] = True
-        wanted = {"aot", "jit"} if mode == "both" else {mode}
-        for impl in sorted(wanted - _STATE["impls"]):
-            (_define_aot if impl == "aot" else _define_jit)(trtp, trt)
-            _STATE["impls"].add(impl)
-    return PLUGIN_ID
-
-
-def _already_defined(trtp) -> bool:
-    # e.g. this module was reloaded: tensorrt.plugin refuses a second `register`
-    try:
-        return hasattr(getattr(trtp.op, PLUGIN_NAMESPACE), PLUGIN_NAME)
-    except AttributeError:
-        return False
-
-
-def _import_trt_plugin(mode: str):
-    try:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-    except Exception as e:  # noqa: BLE001 - ImportError or a missing libnvinfer
-        from ...errors import BackendUnavailableError
-
-        raise BackendUnavailableError(
-            f"TensorRT Python plugins need full TensorRT with `tensorrt.plugin` (10.7+): {e}. "
-            "Install TensorRT from NVIDIA's index or JetPack, or build without the plugin "
-            "(lower the fused ops to their ONNX function bodies)."
-        ) from e
-    if mode in ("aot", "both") and not hasattr(trt, "QuickPluginCreationRequest"):
-        from ...errors import BackendUnavailableError
-
-        raise BackendUnavailableError(
-            f"TensorRT {getattr(trt, '__version__', '?')} has no AOT Python plugins (need 10.9+); "
-            "use register_plugins(mode='jit') or upgrade TensorRT."
-        )
-    return trtp, trt
+    return _REGISTRATION.register(mode, target)

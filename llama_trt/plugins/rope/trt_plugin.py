@@ -8,23 +8,23 @@ plugin: name ``RotaryEmbedding``, namespace ``llama_trt``, version "1".
 * position_ids int64 [batch, seq]; inv_freq float32 [rotary_dim / 2] (usually an initializer).
 * y like x.
 
-Implementations and the ``tensorrt.plugin`` facts relied on are described in
-:mod:`llama_trt.plugins.rms_norm.trt_plugin` (same helpers: Triton -> PTX with the launch
-argument order ``inputs, int32 scalars, outputs``).
+Implementations ("aot", "jit", "both") as described in
+:mod:`llama_trt.plugins.rms_norm.trt_plugin`; registration, the Triton -> PTX helpers
+(launch argument order ``inputs, int32 scalars, outputs``) and the ``tensorrt.plugin``
+facts relied on are in :mod:`llama_trt.plugins.trt_support`.
 """
 
 # NOTE: no ``from __future__ import annotations``: tensorrt.plugin inspects real annotations.
 
-import threading
-from typing import Dict, List, Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
 
-from ..rms_norm.trt_plugin import (
+from ..trt_support import (
     CompiledKernel,
-    _AOT_TARGET,
-    _import_trt_plugin,
+    PluginRegistration,
+    aot_launch,
     compile_triton_to_ptx,
     static_dim,
     trt_dtype_to_triton,
@@ -33,10 +33,6 @@ from ..rms_norm.trt_plugin import (
 PLUGIN_NAMESPACE = "llama_trt"
 PLUGIN_NAME = "RotaryEmbedding"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-
-_MODES = ("aot", "jit", "both")
-_LOCK = threading.Lock()
-_STATE: Dict[str, object] = {"defined": False, "impls": set()}
 
 __all__ = ["PLUGIN_ID", "build_rope_ptx", "register_plugins"]
 
@@ -142,10 +138,7 @@ def _define_aot(trtp, trt):
         launch = trtp.KernelLaunchParams()
         launch.grid_x = batch * seq
         launch.grid_y = trtp.cdiv(heads, cfg.BLOCK_H)
-        launch.block_x = kernel.block_x
-        launch.shared_mem = kernel.shared_mem
-        extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(heads), trtp.SymInt32(seq)])
-        return kernel.name.encode(), kernel.ptx.encode(), launch, extra_args
+        return aot_launch(trtp, kernel, launch, (heads, seq))
 
 
 def _define_jit(trtp, trt):
@@ -171,31 +164,13 @@ def _define_jit(trtp, trt):
             out_t.copy_(rope_triton(x_t, pos_t, inv_t, bool(_scalar(interleaved)), _scalar(rotary_dim)))
 
 
+_REGISTRATION = PluginRegistration(PLUGIN_NAMESPACE, PLUGIN_NAME, _define, _define_aot, _define_jit)
+
+
 def register_plugins(mode: str = "aot", target=None) -> str:
     """Register ``llama_trt::RotaryEmbedding`` with TensorRT's plugin registry. Idempotent.
 
     ``mode`` and ``target`` as in :func:`llama_trt.plugins.rms_norm.trt_plugin.register_plugins`
     ("aot" default; "jit"; "both" needs a PREFER_AOT/JIT network flag). Returns the plugin id.
     """
-    if mode not in _MODES:
-        raise ValueError(f"register_plugins: mode must be one of {_MODES}, got {mode!r}")
-    trtp, trt = _import_trt_plugin(mode)
-    with _LOCK:
-        if target is not None:
-            _AOT_TARGET["target"] = target
-        if not _STATE["defined"]:
-            if not _already_defined(trtp):
-                _define(trtp, trt)
-            _STATE["defined"] = True
-        wanted = {"aot", "jit"} if mode == "both" else {mode}
-        for impl in sorted(wanted - _STATE["impls"]):
-            (_define_aot if impl == "aot" else _define_jit)(trtp, trt)
-            _STATE["impls"].add(impl)
-    return PLUGIN_ID
-
-
-def _already_defined(trtp) -> bool:
-    try:
-        return hasattr(getattr(trtp.op, PLUGIN_NAMESPACE), PLUGIN_NAME)
-    except AttributeError:
-        return False
+    return _REGISTRATION.register(mode, target)
