@@ -1,6 +1,6 @@
 """``llama-trt demo``: the whole pipeline on a built-in model, no download.
 
-Makes a small seeded LLaMA with GQA and a byte-level BPE tokenizer trained on a
+Makes a small seeded LLaMA with GQA and a BPE tokenizer trained on a
 built-in text (so text goes in and out), then runs the real stages: export
 fp32 / fp16 / int8 (plugin nodes), validate each against torch (JSON report +
 plot), build TensorRT engines where TensorRT or TensorRT-RTX is installed
@@ -80,23 +80,24 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
 
 
 def train_tokenizer(folder: Path, vocab_size: int) -> int:
-    """A byte-level BPE trained on :data:`CORPUS`; writes tokenizer.json + tokenizer_config.json.
+    """A BPE over :data:`CORPUS` (Metaspace, so every piece decodes to readable text);
+    writes tokenizer.json + tokenizer_config.json.
 
-    Ids 0, 1, 2 are <pad>, <s> (BOS), </s> (EOS), as the model config says.
+    Ids 0-3 are <pad>, <s> (BOS), </s> (EOS), <unk>, as the model config says.
     Returns the real vocabulary size.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  show_progress=False)
     tok.train_from_iterator(CORPUS.splitlines(), trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True,
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True,
         "chat_template": ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}assistant:{% endif %}"),
     }, indent=2))
@@ -155,7 +156,7 @@ def run_demo(out_dir="llama-trt-demo", *, size: str = "small", force: bool = Fal
     def stage(msg: str) -> None:
         console.rule(f"[bold]{msg}")
 
-    stage("1/6 seeded LLaMA (GQA) + byte-level BPE tokenizer")
+    stage("1/6 seeded LLaMA (GQA) + BPE tokenizer trained on built-in text")
     ckpt = make_demo_checkpoint(out / "checkpoint", size=size)
 
     exports = {}
