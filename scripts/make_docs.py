@@ -40,6 +40,8 @@ STEPS = [
      "llama-trt bench {stories_export} --prompt-len 16 --new-tokens 16 --runs 3 --bandwidth-gib 0.25"),
     ("package", "A Triton Inference Server model repository for an engine.",
      "llama-trt package engine-fp16 --triton triton-repo"),
+    ("demo", "The whole pipeline on the built-in model (README's main command; tiny size here).",
+     "llama-trt demo --size tiny --out demo"),
 ]
 
 
