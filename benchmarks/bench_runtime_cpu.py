@@ -9,8 +9,12 @@ onnxruntime-genai is used when importable, with its own model builder
 insists on a tokenizer it can load with ``AutoTokenizer``: the checkpoint folder gets a small
 WordLevel ``tokenizer.json`` + ``tokenizer_config.json`` (built here with ``tokenizers``).
 
+``llama_trt_onnxruntime`` is the default ``OrtSession`` (``fused_ops=True`` on CPU: the
+session-time rewrite to ORT's fused kernels); ``llama_trt_onnxruntime_unfused`` runs the
+exported graph as is (``fused_ops=False``), for a before/after in the same run.
+
 Prints one JSON object. Usage:
-    python benchmarks/bench_runtime_cpu.py [--prompt-len 32] [--new-tokens 32] [--rounds 5]
+    python benchmarks/bench_runtime_cpu.py [--prompt-len 32] [--new-tokens 32] [--rounds 5] [--nospin] [--busy N]
 """
 
 from __future__ import annotations
@@ -90,11 +94,15 @@ def prepare(work: Path, log) -> dict[str, Path | None]:
 class Ours:
     name = "llama_trt_onnxruntime"
 
-    def __init__(self, path, backend):
+    def __init__(self, path, backend, **options):
         from llama_trt.runtime import open_session
 
-        self.session = open_session(path, backend)
+        self.session = open_session(path, backend, **options)
         self.name = "llama_trt_onnxruntime" if backend == "onnxruntime" else "torch_eager"
+        if options.get("fused_ops") is False:
+            self.name += "_unfused"
+        if options.get("allow_spinning") is False:
+            self.name += "_nospin"
 
     def run(self, prompt, new_tokens):
         from llama_trt.runtime import GenerationConfig, generate
@@ -136,6 +144,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-unfused", action="store_true",
+                    help="skip the extra contender OrtSession(fused_ops=False) (the export's graph as is)")
+    ap.add_argument("--nospin", action="store_true",
+                    help="add OrtSession(allow_spinning=False): ORT workers sleep instead of spinning (shared CPUs)")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="run N busy-loop processes during the rounds (a loaded, shared machine)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -146,19 +160,29 @@ def main() -> None:
     config = prep["config"]
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, size=args.prompt_len).tolist()
     contenders = [Ours(prep["ours"], "onnxruntime"), Ours(prep["ckpt"], "torch")]
+    if not args.no_unfused:
+        contenders.append(Ours(prep["ours"], "onnxruntime", fused_ops=False))
+    if args.nospin:
+        contenders.append(Ours(prep["ours"], "onnxruntime", allow_spinning=False))
     if prep["genai"] is not None:
         contenders.append(Genai(prep["genai"]))
     results = {c.name: {"ttft_ms": [], "decode_tokens_per_s": [], "token_ids": None} for c in contenders}
-    for c in contenders:  # warm-up
-        c.run(prompt, 4)
-    for rnd in range(args.rounds):
-        order = contenders if rnd % 2 == 0 else contenders[::-1]
-        for c in order:
-            ttft, rate, ids = c.run(prompt, args.new_tokens)
-            results[c.name]["ttft_ms"].append(round(ttft, 2))
-            results[c.name]["decode_tokens_per_s"].append(round(rate, 2))
-            results[c.name]["token_ids"] = ids
-        log(f"round {rnd + 1}/{args.rounds} done")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        for c in contenders:  # warm-up
+            c.run(prompt, 4)
+        for rnd in range(args.rounds):
+            order = contenders if rnd % 2 == 0 else contenders[::-1]
+            for c in order:
+                ttft, rate, ids = c.run(prompt, args.new_tokens)
+                results[c.name]["ttft_ms"].append(round(ttft, 2))
+                results[c.name]["decode_tokens_per_s"].append(round(rate, 2))
+                results[c.name]["token_ids"] = ids
+            log(f"round {rnd + 1}/{args.rounds} done")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
     summary = {}
     ref_ids = results["torch_eager"]["token_ids"]
     for name, r in results.items():
@@ -172,6 +196,16 @@ def main() -> None:
     ratios = {"ours_vs_torch_eager": ours / summary["torch_eager"]["decode_tokens_per_s_median"]}
     if "onnxruntime_genai" in summary:
         ratios["ours_vs_onnxruntime_genai"] = ours / summary["onnxruntime_genai"]["decode_tokens_per_s_median"]
+    if "llama_trt_onnxruntime_unfused" in summary:
+        unfused = summary["llama_trt_onnxruntime_unfused"]["decode_tokens_per_s_median"]
+        ratios["ours_vs_ours_unfused"] = ours / unfused
+        if "onnxruntime_genai" in summary:
+            ratios["ours_unfused_vs_onnxruntime_genai"] = (
+                unfused / summary["onnxruntime_genai"]["decode_tokens_per_s_median"])
+    if "llama_trt_onnxruntime_nospin" in summary and "onnxruntime_genai" in summary:
+        ratios["ours_nospin_vs_onnxruntime_genai"] = (summary["llama_trt_onnxruntime_nospin"]
+                                                      ["decode_tokens_per_s_median"]
+                                                      / summary["onnxruntime_genai"]["decode_tokens_per_s_median"])
     targets = {"ours >= 1.5x torch eager": ratios["ours_vs_torch_eager"] >= 1.5}
     if "ours_vs_onnxruntime_genai" in ratios:
         targets["ours within 10% of onnxruntime-genai"] = ratios["ours_vs_onnxruntime_genai"] >= 0.9
@@ -184,7 +218,7 @@ def main() -> None:
                                                       "intermediate_size", "vocab_size")},
                   "parameters": config.num_parameters(), "dtype": "fp32"},
         "settings": {"batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                     "greedy": True},
+                     "greedy": True, "busy_processes": args.busy},
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                      "onnxruntime_genai": getattr(sys.modules.get("onnxruntime_genai"), "__version__", None)},
         "ours_session": contenders[0].session.describe(),

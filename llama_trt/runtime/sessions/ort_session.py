@@ -10,6 +10,16 @@ input ids / mask / positions (a few int64) go in and the logits come out.
 ``kv_mode="ort"`` instead lets ONNX Runtime allocate the presents and rebinds those
 OrtValues as the next step's past (no preallocation, still no numpy copies).
 
+``fused_ops=True`` (the default on CPU) loads the export through
+:func:`.ort_lowering.lower_for_ort` first: RoPE / RMSNorm (+ residual Add) / attention become
+opset-23 ``RotaryEmbedding`` / ``com.microsoft.SkipSimplifiedLayerNormalization`` / opset-23
+``Attention`` kernels and q/k/v, gate/up MatMuls are packed, instead of ~1000 small ops. Same
+inputs and outputs; the rewritten model lives in memory only (nothing is written next to the
+export); ``describe()["fused_ops_rewrite"]`` says what was rewritten (or why not).
+
+``allow_spinning=False`` makes ORT's intra-op workers sleep instead of spin-waiting: slower on
+an idle machine, much faster on a busy, shared one (benchmarks/RESULTS.md, "Runtime (CPU)").
+
 No torch import here: edge boxes run exports without torch.
 """
 
@@ -26,6 +36,10 @@ from ...config import LlamaConfig
 from ...errors import BackendUnavailableError
 from ..artifact import Artifact, ArtifactError
 from .base import Session, physical_cores
+
+#: external initializers up to this many elements are read into the in-memory model before the
+#: fused-ops rewrite (inv_freq, norm weights, ...); bigger ones stay in the export's data file
+_INLINE_EXTERNAL_MAX = 1 << 16
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -52,7 +66,8 @@ class OrtSession(Session):
                    **options)
 
     def __init__(self, onnx_path, config: LlamaConfig, max_context: int, *, threads: int | None = None,
-                 providers: list[str] | None = None, kv_mode: str = "prealloc", **_ignored) -> None:
+                 providers: list[str] | None = None, kv_mode: str = "prealloc", fused_ops: bool | None = None,
+                 allow_spinning: bool = True, **_ignored) -> None:
         super().__init__(config, max_context)
         try:
             import onnxruntime as ort
@@ -71,18 +86,70 @@ class OrtSession(Session):
         so.enable_mem_pattern = True
         so.enable_cpu_mem_arena = True
         so.log_severity_level = 3
+        # spinning workers wait faster on a quiet machine and waste shared cores on a busy one
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        self.allow_spinning = bool(allow_spinning)
         self._so = so
         providers = list(providers) if providers else default_providers(ort)
+        # the fused kernels are verified on CPU only: default on there, opt-in elsewhere
+        if fused_ops is None:
+            fused_ops = providers == ["CPUExecutionProvider"]
+        self.fused_ops = False
+        self.fused_ops_report: dict[str, Any] | str = "off (fused_ops=False)"
+        model_src: str | bytes = str(self.onnx_path)
+        if fused_ops:
+            model_src = self._lowered_bytes(so, max_context) or model_src
         try:
-            self.sess = ort.InferenceSession(str(self.onnx_path), so, providers=providers)
+            self.sess = ort.InferenceSession(model_src, so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             if providers != ["CPUExecutionProvider"] and "CPUExecutionProvider" in providers:
-                self.sess = ort.InferenceSession(str(self.onnx_path), so, providers=["CPUExecutionProvider"])
+                self.sess = ort.InferenceSession(model_src, so, providers=["CPUExecutionProvider"])
             else:
                 raise ArtifactError(f"ONNX Runtime cannot load {self.onnx_path}: {str(e).splitlines()[0]}") from None
         self.providers = self.sess.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._check_io()
+
+    def _lowered_bytes(self, so, max_context: int) -> bytes | None:
+        """The export rewritten for ORT's fused CPU kernels, serialized; None (plain graph) when
+        the rewrite does not apply, with the reason kept for :meth:`describe`."""
+        try:
+            import onnx
+            from onnx import external_data_helper as ext
+
+            from .ort_lowering import can_lower, lower_for_ort
+        except ImportError as e:
+            self.fused_ops_report = f"off: {e} (the rewrite needs the onnx package)"
+            return None
+        model = onnx.load(str(self.onnx_path), load_external_data=False)
+        why = can_lower(model)
+        if why is not None:
+            self.fused_ops_report = f"off: {why}"
+            return None
+        base = str(self.onnx_path.parent)
+        external = False
+        for t in model.graph.initializer:
+            if ext.uses_external_data(t):
+                external = True
+                if int(np.prod(t.dims)) <= _INLINE_EXTERNAL_MAX:  # small constants the rewrite reads
+                    ext.load_external_data_for_tensor(t, base)
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    del t.external_data[:]
+        try:
+            lowered, report = lower_for_ort(model, max(int(max_context), self.config.max_position_embeddings))
+        except Exception as e:  # noqa: BLE001 - an unexpected graph: run it as exported
+            self.fused_ops_report = f"off: rewrite failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+            return None
+        try:
+            data = lowered.SerializeToString()
+        except Exception as e:  # noqa: BLE001 - e.g. over protobuf's 2 GB
+            self.fused_ops_report = f"off: rewritten model not serializable ({type(e).__name__})"
+            return None
+        if external:  # big weights stay in the export folder's data file(s)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
+        self.fused_ops = True
+        self.fused_ops_report = report.to_dict()
+        return data
 
     def _check_io(self) -> None:
         c = self.config
@@ -201,6 +268,9 @@ class OrtSession(Session):
             "execution_mode": "ORT_SEQUENTIAL",
             "enable_mem_pattern": so.enable_mem_pattern,
             "enable_cpu_mem_arena": so.enable_cpu_mem_arena,
+            "intra_op_allow_spinning": self.allow_spinning,
+            "fused_ops": self.fused_ops,
+            "fused_ops_rewrite": self.fused_ops_report,
             "kv_cache": ("preallocated double buffer per layer, bound with IO binding (no numpy copies, "
                          "no per-token allocation)" if self.kv_mode == "prealloc"
                          else "ORT-allocated presents rebound as next past (IO binding, no numpy copies)"),
