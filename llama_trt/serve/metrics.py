@@ -14,30 +14,29 @@ class _EngineCollector:
     def __init__(self, engine) -> None:
         self.engine = engine
 
+    _COUNTERS = (  # (metric name, help, attribute of engine.stats)
+        ("llama_trt_scheduler_steps", "session.step calls made by the scheduler", "steps"),
+        ("llama_trt_scheduler_rows_stepped", "active sequences summed over steps (divide by steps: mean batch)",
+         "rows_stepped"),
+        ("llama_trt_scheduler_joins", "steps that admitted requests into the running batch", "joins"),
+        ("llama_trt_scheduler_rebuilds", "KV cache resets with re-prefill of active sequences", "rebuilds"),
+        ("llama_trt_requests_cancelled", "requests freed because the client went away", "cancelled"),
+    )
+    _GAUGES = (  # (metric name, help, attribute of the engine)
+        ("llama_trt_active_sequences", "sequences holding a decode slot", "active_count"),
+        ("llama_trt_max_batch", "decode slots (--max-batch)", "max_batch"),
+    )
+
     def collect(self):
         st = self.engine.stats
-        c = CounterMetricFamily("llama_trt_scheduler_steps", "session.step calls made by the scheduler")
-        c.add_metric([], st.steps)
-        yield c
-        c = CounterMetricFamily("llama_trt_scheduler_rows_stepped",
-                                "active sequences summed over steps (divide by steps: mean batch)")
-        c.add_metric([], st.rows_stepped)
-        yield c
-        c = CounterMetricFamily("llama_trt_scheduler_joins", "steps that admitted requests into the running batch")
-        c.add_metric([], st.joins)
-        yield c
-        c = CounterMetricFamily("llama_trt_scheduler_rebuilds", "KV cache resets with re-prefill of active sequences")
-        c.add_metric([], st.rebuilds)
-        yield c
-        c = CounterMetricFamily("llama_trt_requests_cancelled", "requests freed because the client went away")
-        c.add_metric([], st.cancelled)
-        yield c
-        g = GaugeMetricFamily("llama_trt_active_sequences", "sequences holding a decode slot")
-        g.add_metric([], self.engine.active_count)
-        yield g
-        g = GaugeMetricFamily("llama_trt_max_batch", "decode slots (--max-batch)")
-        g.add_metric([], self.engine.max_batch)
-        yield g
+        for name, doc, attr in self._COUNTERS:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], getattr(st, attr))
+            yield c
+        for name, doc, attr in self._GAUGES:
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], getattr(self.engine, attr))
+            yield g
 
 
 class Metrics:

@@ -199,9 +199,7 @@ def _attention_3d(model) -> int:
         att.output[0] = out_rs.output[0]
         done += 1
     if drop:  # the output Transpose/Reshape; the input ones are dead now and go with the cleanup
-        keep = [n for n in g.node if id(n) not in drop]
-        del g.node[:]
-        g.node.extend(keep)
+        _splice(g, drop=drop)
     return done
 
 
@@ -291,6 +289,14 @@ def _pack_matmuls(model) -> str:
         drop.update(id(m) for m in mms[1:])
     if not replace:
         return f"{before} -> {before}"
+    _splice(g, replace, drop)
+    return f"{before} -> {before - len(drop)}"
+
+
+def _splice(g, replace: dict[int, list] | None = None, drop=()) -> None:
+    """Rewrite ``g.node`` in order: a node whose id is in ``replace`` gives way to that list of
+    nodes (which may include itself), one in ``drop`` goes, every other node stays."""
+    replace = replace or {}
     new_nodes = []
     for n in g.node:
         if id(n) in replace:
@@ -299,7 +305,6 @@ def _pack_matmuls(model) -> str:
             new_nodes.append(n)
     del g.node[:]
     g.node.extend(new_nodes)
-    return f"{before} -> {before - len(drop)}"
 
 
 # ----------------------------------------------------------------------------- attention
@@ -362,7 +367,7 @@ def _fuse_attention(model, report: OrtLoweringReport) -> None:
         if vi.name.startswith("past_key_values.") and vi.type.HasField("tensor_type"):
             kv_shape[vi.name] = [d.dim_value or None for d in vi.type.tensor_type.shape.dim]
     biases: dict[tuple, str] = {}
-    bias_before: dict[int, Any] = {}  # id(first Where using the mask) -> Where(mask, 0, fill) bias node
+    bias_before: dict[int, tuple] = {}  # id(first Where using the mask) -> (Where(mask, 0, fill) bias, that Where)
     replace: dict[int, Any] = {}      # id(MatMul(probs, V)) -> Attention node (same position)
     remove: set[int] = set()
     for sm in list(g.node):
@@ -383,7 +388,7 @@ def _fuse_attention(model, report: OrtLoweringReport) -> None:
                                   numpy_helper.from_array(fill, fill_name)])
             bias_node = helper.make_node("Where", [m["cond"], zero, fill_name], [name], name=name)
             biases[key] = name
-            bias_before[id(m["where"])] = bias_node
+            bias_before[id(m["where"])] = (bias_node, m["where"])
         att = helper.make_node(
             "Attention", [m["q"], m["k_new"], m["v_new"], biases[key], m["past_k"], m["past_v"]],
             [m["out"], m["present_k"], m["present_v"]], name=f"llama_trt.ort_attention.{report.attention}",
@@ -394,18 +399,11 @@ def _fuse_attention(model, report: OrtLoweringReport) -> None:
         report.attention += 1
     if not report.attention:
         return
-    new_nodes = []
     # every input of an Attention node is produced before the MatMul it replaces, and the bias
     # goes right before the first Where that read the same mask, so the order stays topological
-    for n in g.node:
-        if id(n) in bias_before:
-            new_nodes.append(bias_before[id(n)])
-        if id(n) in replace:
-            new_nodes.append(replace[id(n)])
-        elif id(n) not in remove:
-            new_nodes.append(n)
-    del g.node[:]
-    g.node.extend(new_nodes)
+    splice = {where: [bias, where_node] for where, (bias, where_node) in bias_before.items()}
+    splice.update({last: [att] for last, att in replace.items()})
+    _splice(g, splice, remove)
 
 
 def _match_one(G: _Graph, sm, graph_inputs, graph_outputs, kv_shape):
