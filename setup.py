@@ -37,11 +37,16 @@ setup(
         "gpu": ["onnxruntime-gpu", "triton"],
         # Triton kernels; on a CPU-only machine they run in the interpreter (TRITON_INTERPRET=1).
         "kernels": ["triton"],
+        # The real-model path: GGUF checkpoints and the transformers reference conversion.
+        "real": ["gguf>=0.10", "transformers>=4.45", "accelerate>=0.30"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "sse-starlette>=2"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2",
             "transformers>=4.45",
+            "gguf>=0.10",
+            "accelerate>=0.30",
+            "hypothesis>=6.100",
             "httpx>=0.27",
             "openai>=1.30",
             "fastapi>=0.110",

