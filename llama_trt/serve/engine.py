@@ -99,7 +99,11 @@ class FinishEvent:
 
 @dataclass(frozen=True)
 class ErrorEvent:
+    """The request ended without a result. ``status`` / ``code``: what the HTTP side answers."""
+
     message: str
+    status: int = 500
+    code: str | None = None
 
 
 _ids = itertools.count(1)
@@ -108,7 +112,8 @@ _ids = itertools.count(1)
 class GenRequest:
     """One sequence from admission to finish. Created on the event loop; driven by the scheduler thread."""
 
-    def __init__(self, prompt_ids: list[int], params: GenerationConfig, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, prompt_ids: list[int], params: GenerationConfig, loop: asyncio.AbstractEventLoop | None = None,
+                 timeout_s: float | None = None):
         self.id = next(_ids)
         self.prompt_ids = [int(i) for i in prompt_ids]
         self.params = params
@@ -116,6 +121,8 @@ class GenRequest:
         self.events: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
         self._cancel = threading.Event()
         self.arrival = time.perf_counter()
+        # the scheduler ends the request with a 504 ErrorEvent once this passes (None: never)
+        self.deadline = None if timeout_s is None else self.arrival + float(timeout_s)
         self.first_token_at: float | None = None
         self.done = False
         # scheduler-side state
@@ -133,6 +140,9 @@ class GenRequest:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
     # ---- called from the scheduler thread -----------------------------------------------
     def emit(self, event) -> None:
@@ -246,34 +256,51 @@ class Engine:
         self.stats = EngineStats()
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=self.max_queue)
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # cache state (scheduler thread only)
         self._rows: list[GenRequest | None] = []
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._npos: list[int] = []
+        self._pending: list[GenRequest] = []  # admitted this iteration, not yet in a finished step
+        self._dirty = False                    # a step failed: the cache must be rebuilt
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> "Engine":
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
+                self._draining.clear()
                 self._thread = threading.Thread(target=self._loop, name="llama-trt-scheduler", daemon=True)
                 self._thread.start()
         return self
+
+    def drain(self) -> None:
+        """Stop admitting: ``submit`` raises :class:`EngineStoppedError` (503); running requests go on."""
+        self._draining.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running (a drain is complete)."""
+        return self.queue_depth == 0 and self.active_count == 0 and not self._pending
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        for r in self._rows:
+        for r in list(self._rows) + list(self._pending):
             if r is not None and not r.done:
-                r.emit(ErrorEvent("the server is shutting down"))
-        self._rows = []
+                r.emit(ErrorEvent("the server is shutting down", 503, "shutting_down"))
+        self._rows, self._pending = [], []
         while True:
             try:
-                self._queue.get_nowait().emit(ErrorEvent("the server is shutting down"))
+                self._queue.get_nowait().emit(ErrorEvent("the server is shutting down", 503, "shutting_down"))
             except queue.Empty:
                 break
 
@@ -322,6 +349,8 @@ class Engine:
     def submit(self, request: GenRequest) -> GenRequest:
         if not self.running:
             raise EngineStoppedError("the engine is not running")
+        if self._draining.is_set():
+            raise EngineStoppedError("the server is shutting down and admits no new requests")
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -334,16 +363,37 @@ class Engine:
         while not self._stop.is_set():
             try:
                 self._iteration()
+                self._pending = []
             except Exception as e:  # noqa: BLE001 - one bad step must not kill the server
                 log.exception("scheduler step failed")
-                self.stats.errors += 1
-                self.stats.last_error = f"{type(e).__name__}: {e}"
-                for i, r in enumerate(self._rows):
-                    if r is not None:
-                        r.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
-                self._rows = []
-                self._mask = np.zeros((0, 0), dtype=np.int64)
-                self._npos = []
+                self._recover(e)
+
+    def _recover(self, error: Exception) -> None:
+        """Answer a failed step to the requests that caused it, keep the others running.
+
+        A step that admitted new requests blames them (the running rows were fine a step ago):
+        they get the error; the running rows are re-prefilled from their history next iteration.
+        A step with no newcomer blames every row in it.
+        """
+        self.stats.errors += 1
+        self.stats.last_error = f"{type(error).__name__}: {error}"
+        event = ErrorEvent(f"generation failed: {type(error).__name__}: {error}")
+        culprits = set(map(id, self._pending)) or {id(r) for r in self._rows if r is not None}
+        for r in self._pending:
+            r.emit(event)
+        survivors = []
+        for r in self._rows:
+            if r is None:
+                continue
+            if id(r) in culprits:
+                r.emit(event)
+            else:
+                survivors.append(r)
+        self._pending = []
+        self._rows = survivors
+        self._npos = [0] * len(survivors)
+        self._mask = np.zeros((len(survivors), 0), dtype=np.int64)
+        self._dirty = bool(survivors)
 
     def _admit(self, free: int, block: bool) -> list[GenRequest]:
         new: list[GenRequest] = []
@@ -355,9 +405,23 @@ class Engine:
             if r.cancelled:
                 self._finish(r, "cancelled")
                 continue
-            self._init_request(r)
+            if r.expired(time.perf_counter()):
+                self._expire(r)
+                continue
+            try:
+                self._init_request(r)
+            except Exception as e:  # noqa: BLE001 - answered to this request only
+                log.warning("request %d refused by the scheduler: %s", r.id, e)
+                r.emit(ErrorEvent(f"invalid request: {e}", 400, "invalid_request"))
+                continue
             new.append(r)
+            self._pending.append(r)
         return new
+
+    def _expire(self, r: GenRequest) -> None:
+        self.stats.cancelled += 1
+        r.emit(ErrorEvent("the request ran past its deadline (--request-timeout); retry with a lower "
+                          "max_tokens or when the server is less busy", 504, "timeout"))
 
     def _init_request(self, r: GenRequest) -> None:
         p = r.params
@@ -371,9 +435,13 @@ class Engine:
 
     def _iteration(self) -> None:
         rows = self._rows
+        now = time.perf_counter()
         for i, r in enumerate(rows):
             if r is not None and r.cancelled:
                 self._finish(r, "cancelled")
+                rows[i] = None
+            elif r is not None and r.expired(now):
+                self._expire(r)
                 rows[i] = None
         active = [i for i, r in enumerate(rows) if r is not None]
         if self.continuous or not active:
@@ -385,7 +453,10 @@ class Engine:
         width = len(rows)
         capacity = self.max_context
         past = self._mask.shape[1]
-        if new:
+        if self._dirty:
+            self._dirty = False
+            self._rebuild([rows[i] for i in active] + new)
+        elif new:
             free_rows = [i for i, r in enumerate(rows) if r is None]
             s = max(len(r.prompt_ids) for r in new)
             if active and len(free_rows) >= len(new) and past + s <= capacity:
@@ -450,11 +521,18 @@ class Engine:
         for i in feeds:
             r = rows[i]
             p = r.params
-            tok = int(sample_next(logits[i], r.rng, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                  repetition_penalty=p.repetition_penalty, seen=r.seen))
-            if r.seen is not None:
-                r.seen[tok] = True
-            if self._advance(r, tok, now):
+            try:
+                tok = int(sample_next(logits[i], r.rng, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                      repetition_penalty=p.repetition_penalty, seen=r.seen))
+                if r.seen is not None:
+                    r.seen[tok] = True
+                finished = self._advance(r, tok, now)
+            except Exception as e:  # noqa: BLE001 - this row's sampling or text failed: only this row ends
+                log.exception("request %d failed", r.id)
+                self.stats.errors += 1
+                r.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
+                finished = True
+            if finished:
                 rows[i] = None
 
     def _advance(self, r: GenRequest, tok: int, now: float) -> bool:
