@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LlamaTrtError
+from .outputs import DEMO_KIND, MANIFEST, check_output, manifest_kind
 
 DEMO_MARKER = "demo-summary.json"
 
@@ -71,12 +72,13 @@ class DemoSummary:
 
 
 def _prepare_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).is_file() and not force:
-            raise LlamaTrtError(f"{out} exists, is not empty and is not an earlier demo folder; "
-                                "choose another --out or pass --force to replace it")
+    """An earlier demo folder is replaced as it is; anything else only as :mod:`llama_trt.outputs` allows."""
+    earlier = manifest_kind(out) == DEMO_KIND
+    check_output(out, force=force or earlier, option="--out")
+    if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps({"kind": DEMO_KIND}))  # written first: a cut-short demo is ours too
 
 
 def train_tokenizer(folder: Path, vocab_size: int) -> int:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..config import LlamaConfig
 from ..errors import CheckpointError
+from ..outputs import CHECKPOINT_KIND, MANIFEST, move_into_place, prepare_output
 
 
 def hf_config_dict(config: LlamaConfig) -> dict:
@@ -64,10 +64,7 @@ def save_hf_checkpoint(config: LlamaConfig, state_dict: dict, out_dir, *, overwr
     if config.rope_interleaved:
         raise CheckpointError("cannot save an interleaved-RoPE model as a Hugging Face folder (permute wq/wk first)")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty; choose another folder or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = prepare_output(out, force=overwrite, option="OUT_DIR", error=CheckpointError, tag="checkpoint")
     try:
         sd = {k: v.detach().contiguous().to(torch.float32) for k, v in state_dict.items()}
         if config.tie_word_embeddings:
@@ -76,9 +73,9 @@ def save_hf_checkpoint(config: LlamaConfig, state_dict: dict, out_dir, *, overwr
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        # marks the folder as ours, so a later --force may replace it (and nothing else)
+        (tmp / MANIFEST).write_text(json.dumps({"kind": CHECKPOINT_KIND, "format": "hf"}, indent=2))
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

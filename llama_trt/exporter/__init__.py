@@ -15,6 +15,11 @@ def export(checkpoint, out_dir, dtype: str = "fp32", opset: int = 23, force: boo
     ``calib_data``, ``calib_samples``, ``calib_seq_len``) go to
     :func:`llama_trt.exporter.quantize.parse_options` (see exporter/quantize.py).
     """
+    from ..errors import ExportError
+    from ..outputs import check_output
+
+    # refuse before any work: -o must not be the checkpoint, its parent or the working directory
+    check_output(out_dir, force=force, inputs=(checkpoint,), option="-o", error=ExportError)
     if quantize is not None:
         from .quantize import QUANTIZE_KWARGS, export_quantized, parse_options
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..config import Precision
 from ..errors import ExportError, LlamaTrtError
+from ..outputs import move_into_place, prepare_output
 from .manifest import (
     EXTERNAL_DATA_NAME, MANIFEST_NAME, MODEL_NAME, ExportManifest, PluginOpUse, TensorSpec,
 )
@@ -79,40 +80,12 @@ class _Steps:
 
 # ---------------------------------------------------------------------------------------
 # output folder handling
-def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
-    """Check OUT_DIR can be (re)placed; returns a fresh temporary folder beside it."""
-    if out_dir.exists() or out_dir.is_symlink():
-        if not force:
-            raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
-        if not out_dir.is_dir():
-            raise ExportError(f"{out_dir} exists and is not a folder; remove it or choose another -o")
-    parent = out_dir.parent
-    for p in (parent, *parent.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ExportError(f"cannot create {out_dir}: {p} is a file, not a folder; choose another -o")
-            break
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=parent))
-    except OSError as e:
-        raise ExportError(f"cannot write into {parent}: {e.strerror or e}; choose a writable -o") from None
-    return tmp
+def _prepare_out_dir(out_dir: Path, force: bool, inputs=()) -> Path:
+    """Check OUT_DIR can be (re)placed (see :mod:`llama_trt.outputs`); returns a fresh temporary folder beside it."""
+    return prepare_output(out_dir, force=force, inputs=inputs, option="-o", error=ExportError, tag="export")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        if old is not None:
-            old.rename(out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+_move_into_place = move_into_place
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,7 +356,7 @@ def export(
         precision = None
     if precision not in (Precision.FP32, Precision.FP16):
         raise ExportError(
-            f"unsupported export dtype {dtype!r}: choose fp32 or fp16 (int8 comes from `llama-trt quantize`)"
+            f"unsupported export dtype {dtype!r}: choose fp32 or fp16 (int8: `llama-trt export --quantize int8-weight` or `--quantize int8-sq`)"
         )
     max_opset = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
@@ -394,7 +367,7 @@ def export(
     from ..checkpoint import detect_format
 
     detect_format(checkpoint)  # fail fast on a missing / unrecognised checkpoint
-    tmp = _prepare_out_dir(out_dir, force)
+    tmp = _prepare_out_dir(out_dir, force, inputs=(checkpoint,))
     try:
         with _Steps(progress) as steps:
             with steps.step("load"):

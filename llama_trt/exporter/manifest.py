@@ -161,6 +161,11 @@ def load_manifest(folder) -> ExportManifest:
         manifest.llama_config  # validates the config
     except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise ExportError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the model") from None
+    from ..outputs import check_file_names
+
+    for key in ("model_file", "external_data", "tokenizer_files"):
+        if getattr(manifest, key):
+            check_file_names(getattr(manifest, key), folder, key, ExportError)
     missing = [n for n in (manifest.model_file, manifest.external_data) if n and not (folder / n).is_file()]
     if missing:
         raise ExportError(f"{folder}: manifest lists {', '.join(missing)} but the file is missing; re-export the model")

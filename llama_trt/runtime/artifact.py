@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import LlamaConfig
 from ..errors import LlamaTrtError
+from ..outputs import CHECKPOINT_KIND
 
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model")
 
@@ -96,6 +97,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"cannot read {f}: {e}; re-create the artifact") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{f} is not a JSON object; re-create the artifact")
+    from ..outputs import check_file_names
+
+    for key in ("model_file", "external_data", "engine_file", "tokenizer_files"):
+        if data.get(key):
+            check_file_names(data[key], Path(path), key, ArtifactError)
     return data
 
 
@@ -109,6 +115,8 @@ def resolve_artifact(path) -> Artifact:
     if path.is_dir() and (path / "manifest.json").is_file():
         manifest = read_manifest(path)
         kind = str(manifest.get("kind", "")).lower()
+        if kind == CHECKPOINT_KIND:  # a checkpoint llama-trt wrote (create-tiny): manifest.json only marks it
+            return Artifact(path, "checkpoint")
         if "engine" in kind or (not kind and any(path.glob("*.plan"))):
             return Artifact(path, "engine", manifest, _config_from_manifest(manifest, path))
         if not kind or "export" in kind or "onnx" in kind:

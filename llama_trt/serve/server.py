@@ -29,19 +29,74 @@ def build_engine(artifact, *, backend: str = "auto", max_batch: int = 8, max_que
                   describe=session.describe())
 
 
+def describe_engine(engine: Engine) -> str:
+    """One start-up line: which model, backend, precision and context this server runs."""
+    info = engine.info
+    precision = info.get("precision") or info.get("dtype") or info.get("kv_dtype") or "?"
+    return (f"serving '{engine.model_name}' · backend {info.get('backend', '?')} · precision {precision} · "
+            f"context {engine.max_context} · max batch {engine.max_batch}")
+
+
+class DrainingServer:
+    """uvicorn whose first SIGTERM/SIGINT drains instead of cutting: the engine stops admitting
+    (503), running requests get ``shutdown_timeout_s`` to finish, then every request still open
+    ends with an error event (streams: an error chunk, then ``[DONE]``) and the server exits.
+    A second signal exits at once."""
+
+    def __init__(self, app, engine: Engine, config, shutdown_timeout_s: float) -> None:
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                outer.begin_drain(sig, frame)
+
+        self.engine, self.shutdown_timeout_s = engine, float(shutdown_timeout_s)
+        self.server = _Server(config)
+        self._draining = False
+        self._base_exit = uvicorn.Server.handle_exit
+
+    def begin_drain(self, sig=None, frame=None) -> None:
+        if self._draining:  # second signal: stop now
+            self.engine.stop(timeout=1.0)
+            self.server.should_exit = self.server.force_exit = True
+            return
+        self._draining = True
+        self.engine.drain()
+        threading.Thread(target=self._drain, name="llama-trt-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout_s
+        while not self.engine.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.engine.stop()  # whatever still runs gets its error event now
+        self.server.should_exit = True
+
+    def run(self) -> None:
+        self.server.run()
+
+
 def serve(artifact, settings: ServeSettings | None = None, *, backend: str = "auto", max_batch: int = 8,
-          max_queue: int = 64, model_name: str | None = None, log_level: str = "info") -> None:
-    """Blocking: serve ``artifact`` until interrupted."""
+          max_queue: int = 64, model_name: str | None = None, log_level: str = "info", threads: int | None = None) -> None:
+    """Blocking: serve ``artifact`` until SIGTERM / Ctrl-C (drained, see :class:`DrainingServer`)."""
+    import logging
+
     import uvicorn
 
     from .app import create_app
 
     settings = settings or ServeSettings()
     engine = build_engine(artifact, backend=backend, max_batch=max_batch, max_queue=max_queue,
-                          model_name=model_name)
+                          model_name=model_name, threads=threads)
     app = create_app(engine, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    log = logging.getLogger("uvicorn.error")
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+        config.load()  # sets up uvicorn's logging, so the line below shows
+        log.info(describe_engine(engine))
+        DrainingServer(app, engine, config, settings.shutdown_timeout_s).run()
     finally:
         engine.close()
 

@@ -173,6 +173,10 @@ def package_triton(engine_dir, out_dir, *, model_name: str | None = None, force:
         kind = manifest.get("kind") if isinstance(manifest, dict) else None
         raise PackageError(f"{mpath}: kind {kind!r} is not an engine (expected \"engine\"); Triton's tensorrt_plan "
                            "needs a TensorRT engine: run `llama-trt build` on the export first")
+    from ..outputs import check_file_names
+
+    for key in ("engine_file", "tokenizer_files"):  # names only: nothing is copied from outside the folder
+        check_file_names(manifest.get(key) or (), engine_dir, key, PackageError)
     plan = engine_dir / str(manifest.get("engine_file") or "model.plan")
     if not plan.is_file():
         plans = sorted(engine_dir.glob("*.plan"))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..outputs import check_output, move_into_place, prepare_output
 from . import backend as B
 from .header import decode_engine_header
 from .lowering import NATIVE, PLUGIN, LoweringOptions, OpRoute, activation_elem_type, detect_precision, lower_model
@@ -279,17 +280,14 @@ def build_engine(artifact_dir, engine_dir, options: BuildOptions | None = None) 
     export = _load_export(artifact_dir)
     config = export.llama_config
     limits = options.resolve_limits(config)
-    if engine_dir.resolve() == artifact_dir.resolve():
-        raise BuildError("-o ENGINE_DIR must differ from the export folder")
-    if engine_dir.exists() and not options.force:
-        raise BuildError(f"{engine_dir} already exists; pass --force to replace it")
+    check_output(engine_dir, force=options.force, inputs=(artifact_dir,), option="-o", error=BuildError)
     backend = B.detect_backend(options.backend)
     targets = B.validate_targets(backend, options.targets)
     if options.optimization_level is not None and not 0 <= options.optimization_level <= 5:
         raise BuildError(f"--opt-level must be in 0..5, got {options.optimization_level}")
 
-    engine_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{engine_dir.name}.", suffix=".building", dir=engine_dir.parent))
+    tmp = prepare_output(engine_dir, force=options.force, inputs=(artifact_dir,), option="-o", error=BuildError,
+                         tag="building")
     t_start = time.perf_counter()
     try:
         with _Stages(options.progress) as stages:
@@ -297,7 +295,7 @@ def build_engine(artifact_dir, engine_dir, options: BuildOptions | None = None) 
             manifest = _build_into(tmp, artifact_dir, export, config, limits, targets, backend, options, stages,
                                    t_start)
             (tmp / LOG_NAME).write_text("\n".join(stages.log) + "\n")
-        _move_into_place(tmp, engine_dir)
+        move_into_place(tmp, engine_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -399,21 +397,6 @@ def _build_into(tmp: Path, artifact_dir: Path, export, config, limits: ShapeLimi
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         d["done"] = f"{ENGINE_NAME}, {MANIFEST_NAME}, {len(tokenizer)} tokenizer files"
     return manifest
-
-
-def _move_into_place(tmp: Path, engine_dir: Path) -> None:
-    old = None
-    if engine_dir.exists():
-        old = engine_dir.with_name(f".{engine_dir.name}.old-{os.getpid()}")
-        os.replace(engine_dir, old)
-    try:
-        os.replace(tmp, engine_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, engine_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["BuildOptions", "ParsedNetwork", "STAGES", "build_engine", "inspect_network", "write_lowered"]

@@ -121,6 +121,10 @@ def load_engine_manifest(folder) -> EngineManifest:
         manifest = EngineManifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as e:
         raise BuildError(f"{path}: malformed engine manifest ({type(e).__name__}: {e}); rebuild the engine") from None
+    from ..outputs import check_file_names
+
+    check_file_names(manifest.engine_file, folder, "engine_file", BuildError)
+    check_file_names(manifest.tokenizer_files, folder, "tokenizer_files", BuildError)
     if not (folder / manifest.engine_file).is_file():
         raise BuildError(f"{folder}: {manifest.engine_file} is missing; rebuild the engine")
     return manifest

@@ -124,6 +124,7 @@ def exported(tmp_path_factory, checkpoints, stories260k):
         elif key == ("gqa", "fp16"):
             out.mkdir()
             (out / "stale.txt").write_text("from an earlier run")
+            (out / "manifest.json").write_text('{"kind": "llama_trt.onnx_export"}')  # --force replaces only ours
             export(ckpt, out, dtype=dtype, force=True)
             assert not (out / "stale.txt").exists(), "--force must replace the folder, not merge into it"
         else:

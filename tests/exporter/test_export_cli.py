@@ -78,6 +78,7 @@ def test_failure_mid_export_leaves_nothing(tmp_path, checkpoints, monkeypatch):
     old = tmp_path / "old"
     old.mkdir()
     (old / "keep.txt").write_text("mine")
+    (old / "manifest.json").write_text('{"kind": "llama_trt.onnx_export"}')  # an earlier export: --force may replace
     res = run(checkpoints("gqa"), "-o", old, "--force")
     assert res.exit_code == 2
     assert (old / "keep.txt").read_text() == "mine" and leftovers(tmp_path) == []
