@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .cli_support import friendly_errors
+from .cli_support import Cli, friendly_errors
 from .exporter.commands import export_cmd
 from .runtime.commands import bench_command, run_command
 from .serve.commands import package_cmd, serve_cmd
@@ -20,9 +20,10 @@ from .trt_engines.commands import build_cmd
 from .validate.commands import validate_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llama-trt")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (for bug reports).")
+def main(debug: bool) -> None:
     """llama-trt: LLaMA checkpoint -> ONNX (fused RoPE/RMSNorm) -> TensorRT -> validated tokens."""
 
 
@@ -43,8 +44,9 @@ def info(checkpoint: Path, as_json: bool) -> None:
 
 @main.command("create-tiny")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seed of the random weights.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it is an earlier llama-trt output.")
 @friendly_errors
 def create_tiny(out_dir: Path, seed: int, force: bool) -> None:
     """Write a small seeded LLaMA with GQA as a Hugging Face folder (no download needed)."""
@@ -59,7 +61,8 @@ def create_tiny(out_dir: Path, seed: int, force: bool) -> None:
               help="Folder for the checkpoint, exports, engines, reports and summary.json.")
 @click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,
               help="Size of the built-in model (tiny: for quick checks).")
-@click.option("--force", is_flag=True, help="Replace --out even if it is not an earlier demo folder.")
+@click.option("--force", is_flag=True, help="Replace --out if it is another llama-trt output (an earlier demo "
+                                           "folder is always replaced).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def demo(out_dir: Path, size: str, force: bool, as_json: bool) -> None:

@@ -44,5 +44,8 @@ def test_create_tiny_refuses_non_empty(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("keep me")
     r = CliRunner().invoke(main, ["create-tiny", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "exists and is not empty" in r.output
+    assert r.exit_code == 2 and "already exists; pass --force" in r.output
+    assert (tmp_path / "x" / "f").read_text() == "keep me"
+    r = CliRunner().invoke(main, ["create-tiny", str(tmp_path / "x"), "--force"])  # not ours: --force refuses too
+    assert r.exit_code == 2 and "not a llama-trt output" in r.output
     assert (tmp_path / "x" / "f").read_text() == "keep me"

@@ -118,6 +118,7 @@ def bench(session: Session, *, batch: int = 1, prompt_len: int = 64, new_tokens:
 
 def render_bench(result: BenchResult) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     r = result
@@ -137,7 +138,7 @@ def render_bench(result: BenchResult) -> None:
         t.add_row("fraction of limit (per sequence)", f"{100 * r.fraction_of_limit:.1f} %")
     tuned = ", ".join(f"{k}={v}" for k, v in r.session.items() if k not in ("backend", "onnx", "checkpoint"))
     Console().print(t)
-    Console().print(f"[dim]{tuned}[/dim]")
+    Console().print(f"[dim]{escape(tuned)}[/dim]")  # escaped: "['CPUExecutionProvider']" is not markup
 
 
 __all__ = ["BenchResult", "bench", "bytes_per_token", "measure_bandwidth", "peak_rss_mib", "render_bench"]

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import click
 
-from ..cli_support import friendly_errors
+from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_errors
+
+THREADS = click.IntRange(1, 1024)
 
 
 
@@ -42,26 +44,26 @@ def _open(artifact: Path, backend: str, tokenizer: Path | None, threads: int | N
     return art, session, tok
 
 
-BACKEND_HELP = "auto (engine -> tensorrt, export -> onnxruntime, checkpoint -> torch), tensorrt, onnxruntime, torch"
-
-
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", help="Prompt text (needs a tokenizer next to the artifact or --tokenizer).")
 @click.option("--prompt-ids", help="Prompt token ids, comma separated (e.g. 1,2,3); used as given (no BOS added).")
 @click.option("--chat", is_flag=True, help="Wrap --prompt as a user message with the tokenizer's chat template.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json or SentencePiece .model to use.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help="1 = off.")
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float, help="1 = off (CTRL/HF).")
-@click.option("--seed", type=int, default=None, help="Seed of the sampler (reproducible sampling).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1),
+              help="Tokens to generate at most (prompt + these must fit the context).")
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(0.0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0.0, 1.0, min_open=True), help="1 = off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=FiniteFloat(0.0, min_open=True),
+              help="1 = off (CTRL/HF).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Seed of the sampler (reproducible sampling), 0..2**64-1.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable; needs a tokenizer).")
 @click.option("--stop-id", multiple=True, type=int, help="Stop token id (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
-@click.option("--backend", default="auto", show_default=True, help=BACKEND_HELP)
-@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@backend_option()
+@click.option("--threads", type=THREADS, default=None, help="CPU threads (default: physical cores).")
 @click.option("--stream", is_flag=True, help="Print tokens as they are produced.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with --stream: a JSON line per token first).")
 @friendly_errors
@@ -122,14 +124,14 @@ def run_command(artifact, prompt, prompt_ids, chat, tokenizer, max_new_tokens, t
 
 @click.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--backend", default="auto", show_default=True, help=BACKEND_HELP)
-@click.option("--batch", default=1, show_default=True, type=int)
-@click.option("--prompt-len", default=64, show_default=True, type=int)
-@click.option("--new-tokens", default=32, show_default=True, type=int)
-@click.option("--runs", default=3, show_default=True, type=int)
-@click.option("--warmup", default=1, show_default=True, type=int)
-@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
-@click.option("--bandwidth-gib", default=1.0, show_default=True, type=float,
+@backend_option()
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Sequences decoded together.")
+@click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(1), help="Prompt tokens per sequence.")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1), help="Tokens generated per run.")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1), help="Timed runs (the median is reported).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed runs first.")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads (default: physical cores).")
+@click.option("--bandwidth-gib", default=1.0, show_default=True, type=FiniteFloat(0.0, 64.0),
               help="Size of the array read to measure memory bandwidth (0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @friendly_errors

@@ -6,35 +6,47 @@ from pathlib import Path
 
 import click
 
-from ..cli_support import friendly_errors
+from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_errors
 
 
 
 @click.command("serve")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Decode slots batched in one step.")
-@click.option("--max-queue", default=64, show_default=True, type=int,
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port to listen on.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Decode slots batched in one step.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
               help="Requests waiting for a slot; beyond it: 503 + Retry-After.")
 @click.option("--api-key", envvar="LLAMA_TRT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' (env LLAMA_TRT_API_KEY); /health stays open.")
-@click.option("--backend", default="auto", show_default=True,
-              help="auto (engine -> tensorrt, export -> onnxruntime, checkpoint -> torch), or one of them.")
-@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=int, help="Larger bodies get 413.")
+@backend_option()
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: physical cores).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
+              help="Larger bodies get 413 (also bounds the text one request makes the server tokenize).")
+@click.option("--request-timeout", default=600.0, show_default=True, type=FiniteFloat(0.0, min_open=True),
+              help="Seconds a request may take in all (queue + generation); then 504 / an error event.")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=FiniteFloat(0.0),
+              help="On SIGTERM: seconds running requests get to finish before their streams are ended.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Allow browsers from this origin (repeatable; default: none).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the artifact folder name).")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @friendly_errors
-def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, max_body_bytes, model_name, log_level):
+def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, threads, max_body_bytes, request_timeout,
+              shutdown_timeout, cors_origins, model_name, log_level):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (completions, chat, SSE streaming, /metrics)."""
     from .server import serve
     from .settings import ServeSettings
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: binding {host} without --api-key exposes the model to the network", err=True)
-    settings = ServeSettings(host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    settings = ServeSettings(host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_bytes,
+                             request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
+                             cors_origins=tuple(cors_origins))
     serve(artifact, settings, backend=backend, max_batch=max_batch, max_queue=max_queue, model_name=model_name,
-          log_level=log_level)
+          log_level=log_level, threads=threads)
 
 
 @click.command("package")
@@ -42,8 +54,10 @@ def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, max_
 @click.option("--triton", "triton_out", type=click.Path(path_type=Path), required=True,
               help="Write a Triton Inference Server model repository here.")
 @click.option("--model-name", default=None, help="Triton model name (default: the engine folder name).")
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Slots of the generate model.")
-@click.option("--instances", default=1, show_default=True, type=int, help="GPU instances of the plan model.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Slots of the generate model.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="GPU instances of the plan model.")
 @click.option("--force", is_flag=True, help="Replace the models in OUT if they exist.")
 @friendly_errors
 def package_cmd(engine_dir, triton_out, model_name, max_batch, instances, force):

@@ -14,9 +14,10 @@ from ..cli_support import friendly_errors
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out-dir", "engine_dir", required=True, type=click.Path(path_type=Path),
               help="Engine folder to create: model.plan, manifest.json, tokenizer files, build.log.")
-@click.option("--max-batch", default=1, show_default=True, type=int, help="Largest batch (both profiles).")
-@click.option("--max-seq", default=None, type=int, help="Longest prompt per prefill [default: min(512, max-context)].")
-@click.option("--max-context", default=None, type=int,
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1), help="Largest batch (both profiles).")
+@click.option("--max-seq", default=None, type=click.IntRange(1),
+              help="Longest prompt per prefill [default: min(512, max-context)].")
+@click.option("--max-context", default=None, type=click.IntRange(1),
               help="Longest past + seq (KV cache) [default: the model's max_position_embeddings].")
 @click.option("--target", "targets", multiple=True,
               help="Compute capability to build for ahead of time, e.g. 89 or 8.9 (repeat; TensorRT-RTX only).")
@@ -27,8 +28,8 @@ from ..cli_support import friendly_errors
 @click.option("--plugins/--no-plugins", default=None,
               help="Route the fused ops to the llama_trt TensorRT plugins [default: when available].")
 @click.option("--rms-norm-native", is_flag=True, help="Lower RMSNorm to ONNX RMSNormalization, not the function body.")
-@click.option("--opt-level", type=int, default=None, help="Builder optimization level 0..5.")
-@click.option("--force", is_flag=True, help="Replace ENGINE_DIR if it exists.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level 0..5.")
+@click.option("--force", is_flag=True, help="Replace ENGINE_DIR if it is an earlier llama-trt output.")
 @click.option("--verbose", is_flag=True, help="Echo TensorRT warnings.")
 @friendly_errors
 def build_cmd(artifact_dir: Path, engine_dir: Path, max_batch: int, max_seq, max_context, targets, timing_cache,

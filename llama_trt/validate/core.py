@@ -68,6 +68,11 @@ def open_artifact(folder, backend: str) -> Artifact:
         raise ValidationError(f"artifact folder not found: {folder} (pass an export folder from `llama-trt export`)")
     if backend == "onnxruntime":
         from ..exporter import load_manifest
+        from ..outputs import manifest_kind
+
+        if manifest_kind(folder) == "engine":
+            raise ValidationError(f"{folder} is a TensorRT engine folder; validate it with --backend tensorrt "
+                                  "(or pass the export folder it was built from)")
 
         m = load_manifest(folder)  # ExportError (exit 2) with a clear message
         return Artifact(folder, "onnx", m.to_dict(), m.llama_config, Precision.parse(m.dtype), m.model_path(folder),

@@ -264,10 +264,10 @@ def test_builtin_calibration_is_recorded(sq):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--quantize", "int4"], "unknown --quantize value 'int4'"),
+    (["--quantize", "int4"], "'int4' is not one of 'int8-weight', 'int8-sq'"),
     (["--quantize", "int8-sq", "--calib-data", "MISSING"], "file not found"),
     (["--quantize", "int8-sq", "--calib-data", "FLOATNPY"], "token ids must be integers"),
-    (["--quantize", "int8-sq", "--sq-alpha", "1.5"], "--sq-alpha must be in [0, 1]"),
+    (["--quantize", "int8-sq", "--sq-alpha", "1.5"], "'--sq-alpha': 1.5 is not in the range 0.0<=x<=1.0"),
     (["--sq-alpha", "0.5"], "need --quantize"),
 ])
 def test_cli_bad_quantize_options(args, needle, stories260k, tmp_path):

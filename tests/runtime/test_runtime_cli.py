@@ -72,7 +72,7 @@ def error_cases(stories_export, stories260k, fake_engine, word_tokenizer_json, t
          "prompt of 500 tokens + max_new_tokens 64 exceeds the context of 512"),
         (["run", stories_export, "--prompt-ids", ""], "the prompt is empty"),
         (["run", stories_export, "--tokenizer", word_tokenizer_json, "--prompt", ""], "the prompt is empty"),
-        (["run", stories_export, "--prompt-ids", "1", "--backend", "vulkan"], "unknown backend 'vulkan'"),
+        (["run", stories_export, "--prompt-ids", "1", "--backend", "vulkan"], "'vulkan' is not one of 'auto', 'tensorrt'"),
         (["run", stories_export, "--prompt-ids", "1", "--backend", "tensorrt"], "no TensorRT engine"),
         (["run", fake_engine, "--prompt-ids", "1"], "no TensorRT engine"),
         (["run", tmp_path / "nope", "--prompt-ids", "1"], "artifact not found"),
@@ -80,7 +80,7 @@ def error_cases(stories_export, stories260k, fake_engine, word_tokenizer_json, t
         (["run", stories_export, "--prompt", "hello"], "has no tokenizer"),
         (["run", stories_export, "--prompt-ids", "1,9999"], "outside the vocabulary"),
         (["run", stories_export, "--prompt-ids", "1", "--stop", "x"], "stop strings need a tokenizer"),
-        (["run", stories_export, "--prompt-ids", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["run", stories_export, "--prompt-ids", "1", "--top-p", "0"], "'--top-p': 0.0 is not in the range 0.0<x<=1.0"),
         (["bench", tmp_path / "nope"], "artifact not found"),
     ]
 

@@ -40,6 +40,10 @@ def pick_backend(artifact: Artifact, backend: str = "auto") -> str:
     return _AUTO[artifact.kind] if name == "auto" else name
 
 
+def _a(kind: str) -> str:
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
+
+
 def _check_compatible(artifact: Artifact, backend: str) -> None:
     p = artifact.path
     if backend == "tensorrt":
@@ -55,13 +59,13 @@ def _check_compatible(artifact: Artifact, backend: str) -> None:
         if artifact.kind != "export":
             hint = ("export it first with `llama-trt export CHECKPOINT OUT` or use --backend torch"
                     if artifact.kind == "checkpoint" else "pass the export folder the engine was built from")
-            raise BackendUnavailableError(f"{p} is a {artifact.kind}, not an ONNX export; {hint}")
+            raise BackendUnavailableError(f"{p} is {_a(artifact.kind)}, not an ONNX export; {hint}")
         if importlib.util.find_spec("onnxruntime") is None:
             raise BackendUnavailableError("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu)")
     elif backend == "torch":
         if artifact.kind != "checkpoint" and artifact.source_checkpoint is None:
             raise BackendUnavailableError(
-                f"the torch backend needs a checkpoint; {p} is a {artifact.kind} whose source checkpoint "
+                f"the torch backend needs a checkpoint; {p} is {_a(artifact.kind)} whose source checkpoint "
                 "is not recorded or no longer exists: pass the checkpoint path instead"
             )
         if importlib.util.find_spec("torch") is None:
