@@ -27,7 +27,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions (OpenAI names + two extras)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: SStr
     max_tokens: SInt | None = Field(default=None, ge=1)
@@ -37,13 +37,13 @@ class _Sampling(BaseModel):
     stream: SBool = False
     stream_options: StreamOptions | None = None
     stop: SStr | list[SStr] | None = None
-    seed: SInt | None = None
+    seed: SInt | None = Field(default=None, ge=0, le=2**64 - 1)  # numpy's seed range; -1 used to hang the server
     presence_penalty: SFloat = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: SFloat = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, SFloat] | None = None
     user: SStr | None = None
     # extras (vLLM names; with the official client pass them through ``extra_body``)
-    top_k: SInt = Field(default=0, ge=0)
+    top_k: SInt = Field(default=0, ge=0)  # > vocab size: off, as HF
     repetition_penalty: SFloat = Field(default=1.0, gt=0.0)
     ignore_eos: SBool = False
     stop_token_ids: list[SInt] | None = None

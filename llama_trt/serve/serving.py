@@ -28,7 +28,8 @@ from .metrics import Metrics
 from .protocol import describe_validation_error, error_body
 from .settings import ServeSettings
 
-# seconds the HTTP side waits past a request's deadline for the scheduler's own 504
+# seconds (at most; never more than the timeout itself) the HTTP side waits past a request's
+# deadline for the scheduler's own 504, e.g. while a step is stuck
 DEADLINE_GRACE_S = 5.0
 
 
@@ -170,7 +171,8 @@ class Serving:
         """Seconds left before the HTTP side gives up on the scheduler (inf: no deadline)."""
         if greq.deadline is None:
             return float("inf")
-        return greq.deadline + DEADLINE_GRACE_S - time.perf_counter()
+        grace = min(DEADLINE_GRACE_S, self.settings.request_timeout_s or DEADLINE_GRACE_S)
+        return greq.deadline + grace - time.perf_counter()
 
     async def collect(self, request, greq: GenRequest) -> FinishEvent:
         """Wait for one request's result, watching for a client that went away."""
