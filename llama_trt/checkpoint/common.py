@@ -29,10 +29,11 @@ class Checkpoint:
 
     config: LlamaConfig
     state_dict: dict[str, torch.Tensor]
-    format: str                     # "hf" | "meta" | "llama2c"
+    format: str                     # "hf" | "meta" | "llama2c" | "gguf"
     path: Path
     files: tuple[Path, ...]         # files the weights and config came from
     tokenizer_files: tuple[Path, ...] = field(default=())
+    tokenizer_dir: Path | None = None  # the folder holding HF-style tokenizer files, if any
 
     def fingerprint(self) -> str:
         """sha256 over the checkpoint's files (names and bytes), for manifests."""

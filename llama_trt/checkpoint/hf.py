@@ -162,4 +162,5 @@ def load_hf(folder: Path) -> Checkpoint:
         path=folder,
         files=(config_path, *files),
         tokenizer_files=find_tokenizer_files(folder),
+        tokenizer_dir=folder if find_tokenizer_files(folder) else None,
     )

@@ -11,7 +11,8 @@ from .common import Checkpoint
 
 FORMATS_HELP = (
     "a Hugging Face folder (config.json + *.safetensors), a Meta folder "
-    "(params.json + consolidated.00.pth) or a llama2.c .bin file"
+    "(params.json + consolidated.00.pth), a llama-architecture .gguf file, a llama2.c .bin file "
+    "or a Hugging Face id (org/name) in the local Hugging Face cache"
 )
 
 
@@ -19,6 +20,8 @@ def detect_format(path: Path) -> str:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path} (expected {FORMATS_HELP})")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf"
@@ -36,8 +39,14 @@ def detect_format(path: Path) -> str:
 
 def load_checkpoint(path) -> Checkpoint:
     """Load any supported checkpoint; raises :class:`CheckpointError` with a clear message."""
-    path = Path(path)
+    from .hub import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     fmt = detect_format(path)
+    if fmt == "gguf":
+        from .gguf import load_gguf
+
+        return load_gguf(path)
     if fmt == "hf":
         from .hf import load_hf
 
