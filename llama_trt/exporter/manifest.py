@@ -76,6 +76,8 @@ class ExportManifest:
     format_version: int = FORMAT_VERSION
     quantization: dict[str, Any] | None = None  # int8 exports (exporter/quantize.py): scheme, calibration, layers
     extra: dict[str, Any] = field(default_factory=dict)
+    # written by `llama-trt validate` (validate/certificate.py: AccuracyCertificate.from_dict reads it)
+    certificate: dict[str, Any] | None = None
 
     # ---- derived ------------------------------------------------------------
     @property

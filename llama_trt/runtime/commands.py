@@ -34,6 +34,10 @@ def _open(artifact: Path, backend: str, tokenizer: Path | None, threads: int | N
     from .tokenizer import TokenizerError
 
     art = resolve_artifact(artifact)
+    from ..validate.certificate import certificate_from_manifest
+
+    if (cert := certificate_from_manifest(art.manifest)) is not None:
+        click.echo(cert.summary(), err=True)  # what `validate` verified about this artifact
     session = open_session(art, backend, threads=threads)
     tok = load_tokenizer(tokenizer) if tokenizer else load_tokenizer(art.tokenizer_path())
     if tok is not None and tok.vocab_size > session.config.vocab_size:

@@ -42,6 +42,10 @@ def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, thre
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: binding {host} without --api-key exposes the model to the network", err=True)
+    from ..validate.certificate import read_certificate
+
+    if Path(artifact).is_dir() and (cert := read_certificate(artifact)) is not None:
+        click.echo(cert.summary(), err=True)  # what `validate` verified about this artifact
     settings = ServeSettings(host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_bytes,
                              request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
                              cors_origins=tuple(cors_origins))

@@ -32,15 +32,22 @@ def run_results_path_for(report_path: Path) -> Path:
 @click.option("--steps", default=32, show_default=True, type=click.IntRange(1), help="Greedy generation steps.")
 @click.option("--tol", "tols", multiple=True, metavar="NAME=ATOL[:RTOL] | METRIC=VALUE",
               help="Override a tolerance: output name or glob (logits=1e-3:1e-3, 'present.*=1e-2', default=...) "
-                   "or a metric gate (top1, kl, cosine, greedy). Repeatable.")
+                   "or a certificate gate (kl, kl_p99, top1, ppl_ratio, cosine). Repeatable.")
+@click.option("--eval-text", type=click.Path(path_type=Path),
+              help="UTF-8 text for the teacher-forced certificate (default: the built-in ~2,700-token corpus).")
+@click.option("--window", type=click.IntRange(16), default=None,
+              help="Teacher-forcing window in tokens (default 512, capped by the context).")
 @click.option("--layerwise", is_flag=True, help="Also compare every layer's residual stream / norms; report the first bad layer.")
 @click.option("--verbose", is_flag=True, help="Show Polygraphy's own log.")
 @friendly_errors
-def validate_cmd(artifact_dir, checkpoint, backend, report_path, plot_path, steps, tols, layerwise, verbose):
+def validate_cmd(artifact_dir, checkpoint, backend, report_path, plot_path, steps, tols, eval_text, window, layerwise,
+                 verbose):
     """Compare ARTIFACT_DIR against the checkpoint's fp32 torch model with Polygraphy.
 
-    Elementwise per-output tolerances plus LLM metrics (top-1 agreement, KL, cosine,
-    greedy-token agreement with the KV cache, perplexity). Exits 0 only if it passes.
+    Elementwise per-output tolerances, then an accuracy certificate: teacher-forced mean KL,
+    KL p99, same-top-1 and perplexity ratio over real text, gated per precision / scheme and
+    written into the export's manifest.json (`run` and `serve` show it). Greedy agreement is
+    reported, not gated. Exits 0 only if it passes.
     """
     from .core import validate
     from .render import plot_report, render_report
@@ -51,8 +58,12 @@ def validate_cmd(artifact_dir, checkpoint, backend, report_path, plot_path, step
     if rr_path is not None:
         rr_path.parent.mkdir(parents=True, exist_ok=True)
     report = validate(artifact_dir, checkpoint, backend=backend, steps=steps, tolerances=overrides,
-                      layerwise=layerwise, run_results_path=rr_path, verbose=verbose, progress=True)
+                      layerwise=layerwise, run_results_path=rr_path, verbose=verbose, progress=True,
+                      eval_text=eval_text, window=window)
     render_report(report)
+    if report.certificate is not None:
+        where = " (written to manifest.json)" if report.artifact_kind == "onnx" else ""
+        click.echo(f"certificate: {report.certificate.summary()}{where}")
     if report_path:
         report.save(report_path)
         click.echo(f"report: {report_path} (Polygraphy run results: {rr_path})")

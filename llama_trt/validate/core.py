@@ -10,12 +10,16 @@ Flow (Polygraphy is the harness):
    non-deprecated class) and per-output atol/rtol (``""`` = default);
 4. LLM metrics from the same RunResults: top-1 agreement, KL, cosine (all valid query
    positions of all feeds), perplexity of the held-out sequence;
-5. greedy generation with the KV cache, each backend on its own, through the same runners;
-6. optionally (``layerwise``) a second comparison on a copy of the ONNX with the layer
+5. greedy generation with the KV cache, each backend on its own, through the same runners
+   (information: its first divergence and the reference's top-2 margin there);
+6. the accuracy certificate (:mod:`.teacher_forced`): teacher-forced KL / KL p99 / top-1 /
+   perplexity ratio over real text, written into the export's manifest;
+7. optionally (``layerwise``) a second comparison on a copy of the ONNX with the layer
    points marked as outputs (:mod:`.layerwise`).
 
-The verdict is the conjunction of the elementwise comparisons and the metric gates
-(top-1, KL, cosine, greedy); perplexity and the layer-wise table are diagnostics.
+The verdict is the conjunction of the elementwise comparisons, the cosine gate on the feeds
+and the certificate's gates (KL, KL p99, top-1, perplexity ratio over the evaluation text);
+the feeds' KL / top-1, greedy agreement and the layer-wise table are diagnostics.
 """
 
 from __future__ import annotations
@@ -226,6 +230,9 @@ def validate(
     heldout_tokens=None,
     heldout_length: int = 64,
     seed: int = 0,
+    eval_text=None,
+    window: int | None = None,
+    write_certificate: bool = True,
     run_results_path=None,
     verbose: bool = False,
     progress: bool = False,
@@ -235,6 +242,9 @@ def validate(
     ``tolerances``: overrides on top of the precision's defaults (``{"logits": (atol, rtol),
     "present.*": (atol, rtol), "": default, "kl": 1e-4, "top1": 0.98, ...}``) or a full
     :class:`Tolerances`. ``run_results_path``: where to save Polygraphy's RunResults.
+    ``eval_text``: the certificate's text file (None: the built-in corpus); ``window``: its
+    window length (default 512 tokens, capped by the context); ``write_certificate``: put the
+    certificate into the export folder's manifest.json (ONNX exports).
     ``progress``: show the stages on stderr (rich) while it runs.
     Raises :class:`ValidationError` / :class:`BackendUnavailableError` (usage problems);
     a failed comparison is a report with ``passed=False``.
@@ -252,13 +262,19 @@ def validate(
 
     from ..checkpoint import load_checkpoint
 
-    with Stages(progress, total=5 + bool(layerwise)) as stage:
+    with Stages(progress, total=6 + bool(layerwise)) as stage:
         stage("load checkpoint")
         ckpt = load_checkpoint(checkpoint)
         check_config_match(ckpt.config, artifact, checkpoint)
         with torch_threads_for(ckpt.config):
-            return _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise,
-                            heldout_tokens, heldout_length, seed, run_results_path, verbose, t0, stage)
+            report = _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise,
+                              heldout_tokens, heldout_length, seed, run_results_path, verbose, t0, stage,
+                              dict(eval_text=eval_text, window=window))
+    if write_certificate and artifact.kind == "onnx" and report.certificate is not None:
+        from .certificate import write_certificate as _write
+
+        _write(artifact.folder, report.certificate)
+    return report
 
 
 class Stages:
@@ -286,13 +302,20 @@ class Stages:
                 self._progress.advance(self._task)
             self._progress.update(self._task, description=description)
 
+    def subtask(self, description: str, total: int):
+        """A second bar under the stage bar (for a long stage); returns advance(n)."""
+        if self._progress is None:
+            return None
+        task = self._progress.add_task(description, total=total)
+        return lambda n: self._progress.advance(task, n)
+
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
 
 
 def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise, heldout_tokens,
-             heldout_length, seed, run_results_path, verbose, t0, stage) -> ValidationReport:
+             heldout_length, seed, run_results_path, verbose, t0, stage, cert_options) -> ValidationReport:
     from ..checkpoint import build_model
 
     notes = []
@@ -304,7 +327,10 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
     if isinstance(tolerances, Tolerances):
         tol = tolerances
     else:
-        tol = default_tolerances(artifact.precision).with_overrides(dict(tolerances or {}))
+        from .teacher_forced import scheme_of
+
+        scheme = scheme_of(artifact.manifest)
+        tol = default_tolerances(artifact.precision, scheme).with_overrides(dict(tolerances or {}))
     cfg = ckpt.config
 
     stage("reference feeds from real token ids")
@@ -394,13 +420,17 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
         top1_margin_at_divergence=margin,
     )
 
+    stage("teacher-forced certificate over the evaluation text")
+    certificate = _certificate(artifact, ckpt, backend, tol, greedy, stage, cert_options)
     thresholds = tol.metrics
     metric_results = [
-        _gate("top1", float(top1.mean()), thresholds.get("top1")),
-        _gate("kl", float(kl.mean()), thresholds.get("kl")),
+        *_certificate_metrics(certificate),
         _gate("cosine", float(cos.mean()), thresholds.get("cosine")),
-        _gate("greedy", float(agreement), thresholds.get("greedy")),
-        MetricResult("kl_max", finite(float(kl.max())), None, "", None, "max KL over positions (info)"),
+        MetricResult("feeds_top1", finite(float(top1.mean())), None, "", None, "top-1 agreement on the feeds (info)"),
+        MetricResult("feeds_kl", finite(float(kl.mean())), None, "", None, "mean KL on the feeds (info)"),
+        MetricResult("greedy", finite(float(agreement)), None, "", None,
+                     "greedy-token agreement over the generation (info: see its first divergence)"),
+        MetricResult("kl_max", finite(float(kl.max())), None, "", None, "max KL over the feeds' positions (info)"),
         MetricResult("cosine_min", finite(float(cos.min())), None, "", None, "min cosine over positions (info)"),
         MetricResult("positions", float(len(kl)), None, "", None, "positions compared for top1/kl/cosine"),
         MetricResult("ppl_reference", finite(ppl_ref), None, "", None, "perplexity of the held-out ids, torch fp32"),
@@ -454,8 +484,39 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
         notes=tuple(notes),
         run_results=str(Path(run_results_path).resolve()) if run_results_path is not None else None,
         seconds=round(time.perf_counter() - t0, 3),
+        certificate=certificate,
     )
     return report
+
+
+def _certificate(artifact, ckpt, backend, tol, greedy, stage, options):
+    from .teacher_forced import DEFAULT_WINDOW, certify
+
+    try:
+        return certify(artifact.folder, ckpt, backend=backend, eval_text=options.get("eval_text"),
+                       window=options.get("window") or DEFAULT_WINDOW, tolerances=tol, greedy=greedy,
+                       progress=stage.subtask if stage.enabled else False)
+    except (ValueError, RuntimeError) as e:  # a backend that cannot run the windows
+        raise ValidationError(f"the teacher-forced pass on the artifact failed: {str(e).splitlines()[0]}") from None
+
+
+def _certificate_metrics(cert) -> list[MetricResult]:
+    from .tolerances import METRICS as DESC
+
+    out = []
+    for name in ("kl", "kl_p99", "top1", "ppl_ratio"):
+        thr = cert.thresholds.get(name)
+        value = getattr(cert, name)
+        passed = None if thr is None else not any(f.startswith(f"metric {name}:") for f in cert.failures)
+        out.append(MetricResult(name, finite(value), thr, DESC[name][0] if thr is not None else "", passed,
+                                DESC[name][1]))
+    out.append(MetricResult("eval_tokens", float(cert.tokens), None, "", None,
+                            f"tokens scored teacher-forced ({cert.text_source})"))
+    out.append(MetricResult("eval_ppl_reference", finite(cert.ppl_reference), None, "", None,
+                            "perplexity of the evaluation text, torch fp32"))
+    out.append(MetricResult("eval_ppl_candidate", finite(cert.ppl_candidate), None, "", None,
+                            f"perplexity of the evaluation text, {cert.backend}"))
+    return out
 
 
 def _layerwise(artifact: Artifact, backend: str, ckpt, feed, tol: Tolerances, verbose: bool) -> LayerwiseResult:

@@ -48,3 +48,32 @@ def greedy_agreement(reference: list[int], candidate: list[int]) -> tuple[float,
     if first is None and len(reference) != len(candidate):
         first = min(len(reference), len(candidate))
     return sum(same) / n, first
+
+
+def position_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, targets) -> dict[str, np.ndarray]:
+    """Per position (rows of [n, vocab] logits) for teacher forcing: KL(ref || cand), same
+    argmax, and the negative log-likelihood of ``targets`` (next tokens) under each model.
+
+    One log-softmax per side (float64): the certificate runs this over thousands of 49k-wide rows.
+    """
+    lp = log_softmax(ref_logits)
+    lq = log_softmax(cand_logits)
+    rows = np.arange(lp.shape[0])
+    targets = np.asarray(targets, dtype=np.int64)
+    return {
+        "kl": np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0),
+        "top1": lp.argmax(axis=-1) == lq.argmax(axis=-1),
+        "nll_ref": -lp[rows, targets],
+        "nll_cand": -lq[rows, targets],
+    }
+
+
+def summarize_positions(kl: np.ndarray, top1: np.ndarray, nll_ref: np.ndarray, nll_cand: np.ndarray) -> dict[str, float]:
+    """Mean / p99 / max KL, top-1 rate, both perplexities and their ratio (llama.cpp's statistics)."""
+    ppl_ref = float(np.exp(np.mean(nll_ref)))
+    ppl_cand = float(np.exp(np.mean(nll_cand)))
+    return {
+        "kl": float(np.mean(kl)), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(np.max(kl)),
+        "top1": float(np.mean(top1)), "ppl_reference": ppl_ref, "ppl_candidate": ppl_cand,
+        "ppl_ratio": ppl_cand / ppl_ref,
+    }

@@ -49,6 +49,8 @@ def render_report(report: ValidationReport, console=None) -> None:
         table.add_row(m.name, _fmt(m.value), thr, _verdict(m.passed))
     g = report.greedy
     div = "none" if g.first_divergence is None else f"step {g.first_divergence}"
+    if g.first_divergence is not None and g.top1_margin_at_divergence is not None:
+        div += f" (ref top-2 margin {g.top1_margin_at_divergence:.3g})"
     table.add_row(f"greedy divergence [dim]{g.steps} steps[/dim]", div, "-", _verdict(None))
     console.print(table)
     if report.layerwise is not None:

@@ -117,6 +117,7 @@ class ValidationReport:
     notes: tuple[str, ...] = ()
     run_results: str | None = None      # Polygraphy RunResults saved beside the report
     seconds: float = 0.0
+    certificate: "AccuracyCertificate | None" = None  # teacher-forced metrics over real text
 
     # ---- convenience --------------------------------------------------------
     def metric(self, name: str) -> MetricResult:
@@ -242,3 +243,7 @@ def _decode(tp, value):
 
 def _allows_none(tp) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+# at the end: certificate.py reuses this module's codec, and the report's type hints name it
+from .certificate import AccuracyCertificate  # noqa: E402

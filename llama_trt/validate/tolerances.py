@@ -8,34 +8,39 @@ Two kinds of gate:
   ``""`` is the default for outputs not named (Polygraphy's convention); names may be
   globs (``present.*``) that are expanded against the real output names before the
   comparison (Polygraphy wants exact names).
-* **LLM metrics**: top-1 agreement of logits (>=), mean KL(reference || candidate)
-  (<=), cosine similarity of logit vectors (>=, mean over positions) and greedy-token
-  agreement over an N-step generation (>=).
+* **Accuracy certificate** (:mod:`.teacher_forced`, over ~2,700 tokens of real text):
+  mean KL(reference || candidate) (<=), its 99th percentile (<=), same-top-1 rate (>=),
+  perplexity ratio ppl_candidate / ppl_reference (<=); plus the mean cosine similarity of
+  logit vectors on the Comparator feeds (>=). Greedy agreement over a generation is reported
+  (first divergence, the reference's top-2 margin there) but is not a gate: one near-tie
+  flips every later step, which says nothing about the model's accuracy.
 
-Anchors (see DESIGN.md "What validated means"):
+Elementwise anchors (see DESIGN.md "What validated means"): onnxruntime's llama parity
+script checks logits with rtol = atol = 1e-3 in fp32 and 5e-1 in fp16; we take exactly these
+for ``logits``. The KV ``present.*`` outputs use the same numbers in fp32; in fp16 they are
+stored in fp16 (one ulp at |x|~4 is 4e-3) and pass through every layer, so 1e-1. Quantized
+logits are not expected to match elementwise, so int8/int4 only catch gross breakage there.
 
-* onnxruntime's llama parity script checks logits with rtol = atol = 1e-3 in fp32 and
-  5e-1 in fp16. We take exactly these for ``logits``. The KV ``present.*`` outputs use
-  the same numbers in fp32; in fp16 they are stored in fp16 (one ulp at |x|~4 is 4e-3)
-  and pass through every layer, so 1e-1 (they are never the deciding gate in fp16: the
-  KL / top-1 gates are).
-* llama.cpp's scoreboard: Llama-3-8B q8_0 vs fp16 has mean KL 0.0014 and top-1 agreement
-  97.7%. Small models lose more under int8 (DESIGN.md, TensorRT-LLM notes), so the int8
-  gates are KL <= 1e-2 (~7x) and top-1 >= 0.90; int8 logits are not expected to match
-  elementwise to any tight tolerance, so the elementwise int8 gate only catches gross
-  breakage (atol 3, rtol 1) and the real gate is KL / top-1 / greedy.
-* fp32 vs fp32 differs only by summation order (~1e-6 relative on logits): KL is ~1e-10,
-  so KL <= 1e-5 still leaves 5 orders of magnitude of headroom while catching a 5% change
-  of a single weight matrix. fp16 activations carry ~5e-4 relative error per op; measured
-  KL on our models is ~1e-6, so fp16 KL <= 1e-3 (an order of magnitude under int8's).
-* Top-1 agreement is counted over ~100 positions on our test models, so one flip costs 1%;
-  a trained small model has near-ties (stories260K fp16: 97.9% measured, KL 9e-5), so the
-  fp16 gate is 95% and fp32 99% (fp32 measured 100%).
-* Greedy agreement is the fraction of the N generated tokens that equal the reference's
-  at the same step (each backend generating on its own, so a flip at step k costs every
-  later step). A near-tie between the two best logits can flip legitimately; fp32 must
-  agree on >= 90% of steps, fp16 >= 75%, int8 >= 50% (with a 2.3% per-token flip rate
-  as in llama.cpp's q8_0 figure, 16 steps agree fully only ~69% of the time).
+Certificate anchors: llama.cpp's perplexity scoreboard (``llama-perplexity
+--kl-divergence``, the statistics this certificate reproduces): Llama-3-8B q8_0 vs fp16 has
+mean KL 0.0014 and top-1 97.7%; 4-bit k-/i-quants of 8B models sit at KL ~0.03-0.05, top-1
+~90%, KL p99 ~0.3, ppl ratio ~1.04 (IQ4_XS, ggml-org/llama.cpp#12557). Small models lose
+more to the same rounding (the 135M SmolLM2 here, ~3x):
+
+* fp32 vs fp32 differs only by summation order: KL ~1e-10, so KL <= 1e-5 / p99 <= 1e-4,
+  top-1 >= 99.5%, ppl ratio <= 1.001 leave orders of magnitude of headroom and still catch a
+  5% change of one weight matrix.
+* fp16 (activations and weights in half precision, ~5e-4 relative per op): KL <= 5e-4,
+  p99 <= 5e-3, top-1 >= 98%, ppl ratio <= 1.005. SmolLM2-135M measured KL 1.3e-5, p99 1.5e-4,
+  top-1 99.8%, ppl ratio 1.00004 (~30x headroom on KL); top-1 stays at 98% because
+  stories260K's near-ties flip ~2% of its argmaxes in fp16.
+* int8-weight: KL <= 0.004 (~3x q8_0's 0.0014), top-1 >= 96.5%, p99 <= 0.05, ppl <= 1.03.
+* int8-sq (W8A8, activations quantized too): KL <= 0.02, top-1 >= 92%, p99 <= 0.25, ppl <= 1.08.
+* int4 (awq / rtn, W4A16): KL <= 0.15 (~3x the 8B 4-bit KL), top-1 >= 82%, p99 <= 1.5,
+  ppl <= 1.15.
+
+Every gate can be overridden with ``--tol kl=... / kl_p99=... / top1=... / ppl_ratio=... /
+cosine=...``.
 """
 
 from __future__ import annotations
@@ -48,10 +53,11 @@ from ..errors import ValidationError
 
 # metric name -> (direction, description)
 METRICS = {
-    "top1": (">=", "top-1 agreement of logits (fraction of positions)"),
-    "kl": ("<=", "mean KL(reference || candidate) of softmax(logits), nats"),
-    "cosine": (">=", "mean cosine similarity of logit vectors"),
-    "greedy": (">=", "greedy-token agreement over the N-step generation"),
+    "kl": ("<=", "mean KL(reference || candidate) of softmax(logits) over the evaluation text, nats"),
+    "kl_p99": ("<=", "99th percentile of the per-token KL over the evaluation text, nats"),
+    "top1": (">=", "same-top-1 rate over the evaluation text (fraction of tokens)"),
+    "ppl_ratio": ("<=", "perplexity ratio ppl_candidate / ppl_reference over the evaluation text"),
+    "cosine": (">=", "mean cosine similarity of logit vectors on the Comparator feeds"),
 }
 
 
@@ -107,29 +113,41 @@ class Tolerances:
         return replace(self, elementwise=elementwise, metrics=metrics)
 
 
-_DEFAULTS = {
+_ELEMENTWISE = {
     # logits: onnxruntime's llama parity script (fp32 1e-3, fp16 5e-1).
-    Precision.FP32: Tolerances(
-        "fp32",
-        {"": (1e-3, 1e-3), "logits": (1e-3, 1e-3)},
-        {"top1": 0.99, "kl": 1e-5, "cosine": 0.9999, "greedy": 0.9},
-    ),
-    Precision.FP16: Tolerances(
-        "fp16",
-        {"": (1e-1, 1e-1), "logits": (5e-1, 5e-1)},
-        {"top1": 0.95, "kl": 1e-3, "cosine": 0.999, "greedy": 0.75},
-    ),
-    # llama.cpp q8_0 on Llama-3-8B: KL 0.0014, top-1 97.7%; small models lose more.
-    Precision.INT8: Tolerances(
-        "int8",
-        {"": (1.0, 1.0), "logits": (3.0, 1.0)},
-        {"top1": 0.90, "kl": 1e-2, "cosine": 0.99, "greedy": 0.5},
-    ),
+    "fp32": {"": (1e-3, 1e-3), "logits": (1e-3, 1e-3)},
+    "fp16": {"": (1e-1, 1e-1), "logits": (5e-1, 5e-1)},
+    "quantized": {"": (1.0, 1.0), "logits": (3.0, 1.0)},
+}
+
+#: certificate gates per scheme family (module doc: why these numbers)
+SCHEME_GATES = {
+    "fp32": {"kl": 1e-5, "kl_p99": 1e-4, "top1": 0.995, "ppl_ratio": 1.001, "cosine": 0.9999},
+    "fp16": {"kl": 5e-4, "kl_p99": 5e-3, "top1": 0.98, "ppl_ratio": 1.005, "cosine": 0.999},
+    "int8-weight": {"kl": 0.004, "kl_p99": 0.05, "top1": 0.965, "ppl_ratio": 1.03, "cosine": 0.99},
+    "int8-sq": {"kl": 0.02, "kl_p99": 0.25, "top1": 0.92, "ppl_ratio": 1.08, "cosine": 0.98},
+    "int4": {"kl": 0.15, "kl_p99": 1.5, "top1": 0.82, "ppl_ratio": 1.15, "cosine": 0.95},
 }
 
 
-def default_tolerances(precision) -> Tolerances:
-    return _DEFAULTS[Precision.parse(precision)]
+def scheme_family(scheme: str) -> str:
+    """"int4-awq" / "int4-rtn" -> "int4"; "int8" / unknown int8 schemes -> "int8-sq" (loosest int8)."""
+    s = str(scheme).lower()
+    if s in SCHEME_GATES:
+        return s
+    if s.startswith("int4") or s.startswith("w4"):
+        return "int4"
+    if s.startswith("int8") or s.startswith("w8"):
+        return "int8-weight" if "weight" in s else "int8-sq"
+    return Precision.parse(s).value
+
+
+def default_tolerances(precision, scheme: str | None = None) -> Tolerances:
+    """Elementwise gates from the precision, certificate gates from the scheme (default: the precision)."""
+    prec = str(getattr(precision, "value", precision)).lower()
+    family = scheme_family(scheme or prec)
+    elementwise = _ELEMENTWISE.get(prec, _ELEMENTWISE["quantized"])
+    return Tolerances(family, dict(elementwise), dict(SCHEME_GATES[family]))
 
 
 def parse_tol(spec: str) -> tuple[str, "tuple[float, float] | float"]:
@@ -144,6 +162,9 @@ def parse_tol(spec: str) -> tuple[str, "tuple[float, float] | float"]:
         )
     name, _, value = spec.partition("=")
     name = name.strip()
+    if name == "greedy":
+        raise ValidationError("--tol greedy=...: greedy agreement is reported, not gated (one near-tie flips every "
+                              "later step); gate on kl, kl_p99, top1 or ppl_ratio instead")
     try:
         if name in METRICS:
             return name, float(value)
