@@ -43,5 +43,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
 def test_demo_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
     r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--size", "tiny"])
-    assert r.exit_code == 2 and "is not an earlier demo folder" in r.output
+    assert r.exit_code == 2 and "already exists; pass --force" in r.output
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--size", "tiny", "--force"])
+    assert r.exit_code == 2 and "is not a llama-trt output" in r.output
     assert (tmp_path / "keep.txt").read_text() == "user data"

@@ -127,7 +127,7 @@ def test_unparseable_onnx_fails_naming_the_node(exports, trt_backend, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--max-seq", 64, "--max-context", 32], "--max-seq 64 exceeds --max-context 32"),
     (["--max-context", 100000], "--max-context 100000 exceeds the model's max_position_embeddings"),
-    (["--max-batch", 0], "--max-batch must be an integer >= 1"),
+    (["--max-batch", 0], "'--max-batch': 0 is not in the range x>=1"),
     (["--target", 90], "--target 90"),
 ])
 def test_bad_options_fail_naming_the_option(exports, trt_backend, tmp_path, args, needle):
