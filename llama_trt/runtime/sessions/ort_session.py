@@ -153,6 +153,16 @@ class OrtSession(Session):
         except (OSError, ValueError) as e:
             raise ArtifactError(f"cannot read {self.onnx_path}: {e}; re-export it with `llama-trt export`") from None
 
+    def graph_reads(self):
+        """What one decode token reads from this session's initializers (:mod:`..read_bytes`)."""
+        if getattr(self, "_reads", None) is None:
+            import onnx
+
+            from ..read_bytes import graph_reads
+
+            self._reads = graph_reads(onnx.ModelProto.FromString(self.graph.model_bytes))
+        return self._reads
+
     def _check_io(self) -> None:
         c = self.config
         inputs = {i.name: i for i in self.sess.get_inputs()}
