@@ -124,9 +124,9 @@ def test_fused_ops_external_data(tiny_exports, tmp_path, monkeypatch):
 
     import onnx
 
-    from llama_trt.runtime.sessions import ort_session
+    from llama_trt.runtime.sessions import ort_cache
 
-    monkeypatch.setattr(ort_session, "_INLINE_EXTERNAL_MAX", 64)  # tiny weights stay external too
+    monkeypatch.setattr(ort_cache, "INLINE_MAX_BYTES", 64)  # tiny weights stay external too
 
     src = tiny_exports["fp32"]
     dst = tmp_path / "ext"

@@ -10,12 +10,20 @@ input ids / mask / positions (a few int64) go in and the logits come out.
 ``kv_mode="ort"`` instead lets ONNX Runtime allocate the presents and rebinds those
 OrtValues as the next step's past (no preallocation, still no numpy copies).
 
-``fused_ops=True`` (the default on CPU) loads the export through
-:func:`.ort_lowering.lower_for_ort` first: RoPE / RMSNorm (+ residual Add) / attention become
+``fused_ops=True`` (the default on CPU) runs the export through
+:func:`.ort_lowering.lower_for_ort`: RoPE / RMSNorm (+ residual Add) / attention become
 opset-23 ``RotaryEmbedding`` / ``com.microsoft.SkipSimplifiedLayerNormalization`` / opset-23
-``Attention`` kernels and q/k/v, gate/up MatMuls are packed, instead of ~1000 small ops. Same
-inputs and outputs; the rewritten model lives in memory only (nothing is written next to the
-export); ``describe()["fused_ops_rewrite"]`` says what was rewritten (or why not).
+``Attention`` kernels instead of ~1000 small ops. Same inputs and outputs;
+``describe()["fused_ops_rewrite"]`` says what was rewritten (or why not). The graph ONNX
+Runtime loads is made once per export and cached (:mod:`.ort_cache`, ``cache_dir``); its
+weights stay in the export's file and are read from there, so they exist once in memory.
+
+``max_context`` (``from_artifact`` option) caps the context below the export's: the KV cache
+:meth:`reset` allocates by default is sized to it.
+
+An int8-sq export (int8 activations through Q/DQ, made for TensorRT) runs slowly on ONNX
+Runtime's CPU kernels: the session says so at open (``warning:`` on stderr, ``warn=False``
+to keep quiet; ``target_warning`` holds the text).
 
 ``allow_spinning=False`` makes ORT's intra-op workers sleep instead of spin-waiting: slower on
 an idle machine, much faster on a busy, shared one (benchmarks/RESULTS.md, "Runtime (CPU)").
@@ -25,8 +33,10 @@ No torch import here: edge boxes run exports without torch.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +46,7 @@ from ...config import LlamaConfig
 from ...errors import BackendUnavailableError
 from ..artifact import Artifact, ArtifactError
 from .base import Session, physical_cores
-
-#: external initializers up to this many elements are read into the in-memory model before the
-#: fused-ops rewrite (inv_freq, norm weights, ...); bigger ones stay in the export's data file
-_INLINE_EXTERNAL_MAX = 1 << 16
+from .ort_cache import SessionGraph, session_graph
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -48,6 +55,21 @@ def gpu_visible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def target_warning(onnx_path: Path, device: str) -> str | None:
+    """Why this export is a poor fit for ONNX Runtime on ``device``, or None."""
+    try:
+        manifest = json.loads((Path(onnx_path).parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quant = manifest.get("quantization") if isinstance(manifest, dict) else None
+    scheme = quant.get("scheme") if isinstance(quant, dict) else None
+    if scheme == "int8-sq" and device == "cpu":
+        return ("this int8-sq export (int8 activations through QuantizeLinear/DequantizeLinear) targets TensorRT; "
+                "ONNX Runtime on CPU runs it several times slower than fp32. For CPU use an int8-weight "
+                "(`llama-trt export --quantize int8-weight`) or fp32 export.")
+    return None
 
 
 def default_providers(ort) -> list[str]:
@@ -61,13 +83,17 @@ class OrtSession(Session):
     backend = "onnxruntime"
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact, **options) -> "OrtSession":
-        return cls(artifact.onnx_path, artifact.config, artifact.max_context or artifact.config.max_position_embeddings,
-                   **options)
+    def from_artifact(cls, artifact: Artifact, max_context: int | None = None, **options) -> "OrtSession":
+        """``max_context``: a context below the export's (smaller default KV cache)."""
+        limit = artifact.max_context or artifact.config.max_position_embeddings
+        if max_context is not None and not 1 <= int(max_context) <= limit:
+            raise ArtifactError(f"max_context {max_context} is outside 1..{limit} (the export's context)")
+        return cls(artifact.onnx_path, artifact.config, int(max_context or limit), **options)
 
     def __init__(self, onnx_path, config: LlamaConfig, max_context: int, *, threads: int | None = None,
                  providers: list[str] | None = None, kv_mode: str = "prealloc", fused_ops: bool | None = None,
-                 allow_spinning: bool = True, **_ignored) -> None:
+                 allow_spinning: bool = True, cache_dir: Path | None = None, cache: bool = True,
+                 warn: bool = True, **_ignored) -> None:
         super().__init__(config, max_context)
         try:
             import onnxruntime as ort
@@ -94,11 +120,13 @@ class OrtSession(Session):
         # the fused kernels are verified on CPU only: default on there, opt-in elsewhere
         if fused_ops is None:
             fused_ops = providers == ["CPUExecutionProvider"]
-        self.fused_ops = False
-        self.fused_ops_report: dict[str, Any] | str = "off (fused_ops=False)"
-        model_src: str | bytes = str(self.onnx_path)
-        if fused_ops:
-            model_src = self._lowered_bytes(so, max_context) or model_src
+        self.graph = self._session_graph(max_context, fused_ops, cache_dir, cache)
+        self.fused_ops = self.graph.fused
+        self.fused_ops_report = self.graph.report
+        # the graph's big initializers are references into the export's own file(s)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    str(self.graph.weights_dir))
+        model_src = self.graph.model_bytes
         try:
             self.sess = ort.InferenceSession(model_src, so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -109,47 +137,31 @@ class OrtSession(Session):
         self.providers = self.sess.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._check_io()
+        self.target_warning = target_warning(self.onnx_path, self.device)
+        if self.target_warning and warn:
+            print(f"warning: {self.target_warning}", file=sys.stderr)
 
-    def _lowered_bytes(self, so, max_context: int) -> bytes | None:
-        """The export rewritten for ORT's fused CPU kernels, serialized; None (plain graph) when
-        the rewrite does not apply, with the reason kept for :meth:`describe`."""
+    def _session_graph(self, max_context: int, fused_ops: bool, cache_dir, cache: bool) -> SessionGraph:
+        """The graph to load: the export's, weights left on disk, rewritten when ``fused_ops``
+        (made once per export, then read from the cache: see :mod:`.ort_cache`)."""
         try:
-            import onnx
-            from onnx import external_data_helper as ext
-
-            from .ort_lowering import can_lower, lower_for_ort
+            return session_graph(self.onnx_path, max(int(max_context), self.config.max_position_embeddings),
+                                 fused=fused_ops, cache_dir=cache_dir, use_cache=cache)
         except ImportError as e:
-            self.fused_ops_report = f"off: {e} (the rewrite needs the onnx package)"
-            return None
-        model = onnx.load(str(self.onnx_path), load_external_data=False)
-        why = can_lower(model)
-        if why is not None:
-            self.fused_ops_report = f"off: {why}"
-            return None
-        base = str(self.onnx_path.parent)
-        external = False
-        for t in model.graph.initializer:
-            if ext.uses_external_data(t):
-                external = True
-                if int(np.prod(t.dims)) <= _INLINE_EXTERNAL_MAX:  # small constants the rewrite reads
-                    ext.load_external_data_for_tensor(t, base)
-                    t.data_location = onnx.TensorProto.DEFAULT
-                    del t.external_data[:]
-        try:
-            lowered, report = lower_for_ort(model, max(int(max_context), self.config.max_position_embeddings))
-        except Exception as e:  # noqa: BLE001 - an unexpected graph: run it as exported
-            self.fused_ops_report = f"off: rewrite failed ({type(e).__name__}: {str(e).splitlines()[0]})"
-            return None
-        try:
-            data = lowered.SerializeToString()
-        except Exception as e:  # noqa: BLE001 - e.g. over protobuf's 2 GB
-            self.fused_ops_report = f"off: rewritten model not serializable ({type(e).__name__})"
-            return None
-        if external:  # big weights stay in the export folder's data file(s)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
-        self.fused_ops = True
-        self.fused_ops_report = report.to_dict()
-        return data
+            raise BackendUnavailableError(f"{e}: the ONNX Runtime session needs the onnx package "
+                                          "(pip install onnx)") from None
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot read {self.onnx_path}: {e}; re-export it with `llama-trt export`") from None
+
+    def graph_reads(self):
+        """What one decode token reads from this session's initializers (:mod:`..read_bytes`)."""
+        if getattr(self, "_reads", None) is None:
+            import onnx
+
+            from ..read_bytes import graph_reads
+
+            self._reads = graph_reads(onnx.ModelProto.FromString(self.graph.model_bytes))
+        return self._reads
 
     def _check_io(self) -> None:
         c = self.config
@@ -271,6 +283,10 @@ class OrtSession(Session):
             "intra_op_allow_spinning": self.allow_spinning,
             "fused_ops": self.fused_ops,
             "fused_ops_rewrite": self.fused_ops_report,
+            "graph_cache": (f"{'read from' if self.graph.from_cache else 'written to'} {self.graph.cache_file}"
+                            if self.graph.cache_file else "off"),
+            "weights": f"read by ONNX Runtime from {self.graph.weights_dir} (not copied at open)",
+            **({"target_warning": self.target_warning} if self.target_warning else {}),
             "kv_cache": ("preallocated double buffer per layer, bound with IO binding (no numpy copies, "
                          "no per-token allocation)" if self.kv_mode == "prealloc"
                          else "ORT-allocated presents rebound as next past (IO binding, no numpy copies)"),
