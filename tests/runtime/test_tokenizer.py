@@ -23,7 +23,7 @@ def test_sentencepiece_round_trip_matches_library(llama2_tokenizer_model):
         if not text.startswith(" "):  # a leading space gets no dummy prefix (transformers; see the parity tests)
             assert ids == [1, *sp.encode(text)]
             assert tok.encode(text, add_bos=False) == sp.encode(text)
-        assert tok.decode(ids) == sp.decode(sp.encode(text))
+            assert tok.decode(ids) == sp.decode(sp.encode(text))
 
 
 def test_sentencepiece_stream_decoder_concatenates_to_full_text(llama2_tokenizer_model):
