@@ -14,7 +14,7 @@ import click
 
 from .cli_support import Cli, friendly_errors
 from .exporter.commands import export_cmd
-from .runtime.commands import bench_command, run_command
+from .runtime.commands import bench_command, chat_command, run_command
 from .serve.commands import package_cmd, serve_cmd
 from .trt_engines.commands import build_cmd
 from .validate.commands import validate_cmd
@@ -80,7 +80,8 @@ def demo(out_dir: Path, size: str, force: bool, as_json: bool) -> None:
 
 
 # Stage commands, in pipeline order.
-for _command in (export_cmd, build_cmd, validate_cmd, run_command, bench_command, serve_cmd, package_cmd):
+for _command in (export_cmd, build_cmd, validate_cmd, run_command, chat_command, bench_command, serve_cmd,
+                 package_cmd):
     main.add_command(_command)
 
 

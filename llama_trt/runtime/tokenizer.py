@@ -295,6 +295,29 @@ def load_tokenizer(path, *, chat_template: str | None = None) -> Tokenizer | Non
     return SentencePieceTokenizer(path, config, **kwargs)
 
 
+def open_tokenizer(default, tokenizer=None, chat_template_file=None) -> Tokenizer | None:
+    """The tokenizer a command uses: ``tokenizer`` (a folder or file, ``--tokenizer``) else the one at
+    ``default`` (next to the artifact); ``chat_template_file`` (``--chat-template``) replaces its template."""
+    template = read_chat_template_file(chat_template_file) if chat_template_file is not None else None
+    tok = load_tokenizer(tokenizer if tokenizer is not None else default, chat_template=template)
+    if tok is None and tokenizer is not None:
+        raise TokenizerError(f"{tokenizer} holds no tokenizer.json nor tokenizer.model")
+    if tok is None and template is not None:
+        raise TokenizerError("--chat-template needs a tokenizer: none is next to the artifact; pass --tokenizer DIR")
+    return tok
+
+
+def continuation_gap(tok: Tokenizer, prompt_ids, first_id: int) -> str:
+    """Text (a space, usually) the first generated token carries after the prompt but loses when
+    decoded alone (SentencePiece strips a leading space): what goes between an echoed prompt and
+    the continuation."""
+    context = [int(i) for i in list(prompt_ids)[-4:]]
+    before, joined, alone = tok.decode(context), tok.decode([*context, int(first_id)]), tok.decode([int(first_id)])
+    if joined.startswith(before) and joined.endswith(alone):
+        return joined[len(before):len(joined) - len(alone)]
+    return ""
+
+
 class StreamDecoder:
     """Incremental detokenisation: push ids, get the new text suffix.
 
@@ -332,4 +355,5 @@ class StreamDecoder:
 
 
 __all__ = ["HFTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "TokenizerError",
-           "find_chat_template", "load_tokenizer", "read_chat_template_file", "render_chat_template"]
+           "continuation_gap", "find_chat_template", "load_tokenizer", "open_tokenizer", "read_chat_template_file",
+           "render_chat_template"]
