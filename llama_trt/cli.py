@@ -14,7 +14,7 @@ import click
 
 from .cli_support import Cli, friendly_errors
 from .exporter.commands import export_cmd
-from .runtime.commands import bench_command, run_command
+from .runtime.commands import bench_command, chat_command, run_command
 from .serve.commands import package_cmd, serve_cmd, triton_serve_cmd
 from .trt_engines.commands import build_cmd
 from .validate.commands import validate_cmd
@@ -83,7 +83,8 @@ def demo(out_dir: Path, size: str, no_engines: bool, force: bool, as_json: bool)
 
 
 # Stage commands, in pipeline order.
-for _command in (export_cmd, build_cmd, validate_cmd, run_command, bench_command, serve_cmd, package_cmd, triton_serve_cmd):
+for _command in (export_cmd, build_cmd, validate_cmd, run_command, chat_command, bench_command, serve_cmd,
+                 package_cmd, triton_serve_cmd):
     main.add_command(_command)
 
 

@@ -666,13 +666,14 @@ def export_quantized(checkpoint, out_dir, options: QuantizeOptions, *, dtype: st
                      force: bool = False, progress: bool = False, ort_check: bool = True):
     """fp32 export into a temporary folder, quantize, move into ``out_dir`` (nothing left on failure)."""
     from ..checkpoint import detect_format, load_checkpoint
+    from ..checkpoint.hub import resolve_checkpoint
     from ..config import Precision
     from .core import _move_into_place, _prepare_out_dir, export as fp_export
 
     if Precision.parse(dtype) is not Precision.FP32:
         raise ExportError(f"--quantize {options.scheme} needs --dtype fp32 (the int8 graph keeps fp32 activations); "
                           f"got --dtype {dtype}")
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)  # a Hugging Face id -> its cached snapshot
     out_dir = Path(out_dir).absolute()
     detect_format(checkpoint)
     tmp = _prepare_out_dir(out_dir, force)

@@ -128,8 +128,8 @@ class _Run:
         eos = cfg.eos_token_ids
         if eos is None:
             eos = tuple(session.config.eos_token_id)
-            if tokenizer is not None and tokenizer.eos_id is not None and tokenizer.eos_id not in eos:
-                eos = (*eos, tokenizer.eos_id)
+            if tokenizer is not None:  # the eos token and generation_config.json's eos list
+                eos = (*eos, *(i for i in tokenizer.eos_ids if i not in eos))
         self.stop_ids = set() if cfg.ignore_eos else set(eos)
         self.stop_ids |= set(cfg.stop_token_ids)
         b = len(self.prompts)

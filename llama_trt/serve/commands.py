@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_errors
+from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_errors, tokenizer_options
 
 
 
@@ -21,6 +21,7 @@ from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_er
 @click.option("--api-key", envvar="LLAMA_TRT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' (env LLAMA_TRT_API_KEY); /health stays open.")
 @backend_option()
+@tokenizer_options
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: physical cores).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="Larger bodies get 413 (also bounds the text one request makes the server tokenize).")
@@ -34,7 +35,8 @@ from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_er
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @friendly_errors
-def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, threads, max_body_bytes, request_timeout,
+def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, tokenizer, chat_template, threads,
+              max_body_bytes, request_timeout,
               shutdown_timeout, cors_origins, model_name, log_level):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (completions, chat, SSE streaming, /metrics)."""
     from .server import serve
@@ -50,7 +52,7 @@ def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, thre
                              request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
                              cors_origins=tuple(cors_origins))
     serve(artifact, settings, backend=backend, max_batch=max_batch, max_queue=max_queue, model_name=model_name,
-          log_level=log_level, threads=threads)
+          log_level=log_level, threads=threads, tokenizer_path=tokenizer, chat_template_file=chat_template)
 
 
 @click.command("package")
