@@ -64,7 +64,7 @@ def chat_answers(export_dir: Path, ckpt: Path, questions, console) -> list[ChatA
     with open_session(export_dir, "onnxruntime") as session:
         for question, (ref_ids, ref_text) in zip(questions, reference):
             messages = [{"role": "user", "content": question}]
-            ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
+            ids = tokenizer.encode_chat(messages)
             result = generate(session, ids, GenerationConfig(max_new_tokens=CHAT_TOKENS), tokenizer)
             answer = ChatAnswer(question, (result.text or "").strip(), ref_text.strip(),
                                 _strip_eos(result.token_ids) == _strip_eos(ref_ids))
