@@ -36,6 +36,7 @@ class GraphInfo:
     embedding: tuple[str, str] | None       # (Gather node name, table initializer name)
     attention_matmuls: list[str]            # activation x activation MatMuls (left alone)
     tied_head: str | None = None            # MatMul reading Transpose(embedding) when left as it is
+    head_is_table: bool = False             # the lm_head site's weight equals the embedding table, transposed
 
 
 def _digest(arr: np.ndarray) -> str:
@@ -148,7 +149,35 @@ def analyse_graph(model, state_dict, *, materialize_tied: bool = True) -> GraphI
         return (int(m.group(1)), order[m.group(2)]) if m else (1 << 30, 0)
 
     sites.sort(key=key)
-    return GraphInfo(sites, embedding, attention, tied)
+    info = GraphInfo(sites, embedding, attention, tied)
+    _share_tied_table(model, info, keep_site=materialize_tied)
+    return info
+
+
+def _share_tied_table(model, info: GraphInfo, keep_site: bool) -> None:
+    """The exporter may constant-fold ``Transpose(table)`` into a second float copy of a tied
+    table. Detect it (by value); unless the head is to be quantized (``keep_site``), read the table
+    through a Transpose again and drop the copy, so the file holds the matrix once."""
+    from onnx import helper
+
+    head = next((s for s in info.sites if s.name == "lm_head"), None)
+    if head is None or info.embedding is None:
+        return
+    graph = model.graph
+    table = _init_array(graph, info.embedding[1])
+    if table.shape[::-1] != tuple(head.shape) or _digest(table.T) != _digest(_init_array(graph, head.weight)):
+        return
+    info.head_is_table = True
+    if keep_site:
+        return
+    t_out = f"{info.embedding[1]}_transposed"
+    idx = next(i for i, n in enumerate(graph.node) if n.name == head.node)
+    graph.node[idx].input[1] = t_out
+    graph.node.insert(idx, helper.make_node("Transpose", [info.embedding[1]], [t_out], name=f"{head.node}_tied",
+                                            perm=[1, 0]))
+    del graph.initializer[next(i for i, t in enumerate(graph.initializer) if t.name == head.weight)]
+    info.sites.remove(head)
+    info.tied_head = head.node
 
 
 def _replace_init(graph, name: str, arr: np.ndarray) -> None:

@@ -295,7 +295,7 @@ def _embedding(model, info: GraphInfo, sites, options) -> tuple[list[str], str]:
         return [], "none"
     gather, table = info.embedding
     head = next((s for s in sites if s.name == "lm_head"), None)
-    tied_copy = head is not None and head.weight == f"{table}_t"
+    tied_copy = head is not None and info.head_is_table
     if tied_copy:  # the quantized tied head serves the embedding rows too
         gather_from_head(model, gather, table, f"{head.weight}_DequantizeLinear_Output")
         return [], "tied: gathered from the quantized lm head (one stored copy)"
