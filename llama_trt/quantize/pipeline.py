@@ -27,7 +27,7 @@ from ..errors import ExportError
 from .calibration import CalibrationData, builtin_calibration, load_calibration_file
 from .graph import GraphInfo, LinearSite, _digest, _init_array, analyse_graph, check_no_float_copies, \
     inspect_quantized
-from .qdq import add_weight_dq, gather_from_head, replace_with_dq
+from .qdq import add_weight_dq, gather_from_head, gather_int8_rows, replace_with_dq
 from .report import Progress
 from .schemes import QuantizeOptions
 from .weights import quantize_blocked
@@ -93,11 +93,13 @@ def quantize_int4(model, sites, options, *, base_dir, base, state_dict, tokenize
     """int4 blocks where the group divides K, int8 per-channel elsewhere; AWQ first for int4-awq."""
     sch = options.scheme
     g = sch.group_size
-    int4 = [s for s in sites if s.shape[0] % g == 0]
-    int8 = [s for s in sites if s.shape[0] % g]
+    head8 = [s for s in sites if s.name == "lm_head" and options.head_bits == 8]
+    int4 = [s for s in sites if s.shape[0] % g == 0 and s not in head8]
+    int8 = [s for s in sites if s.shape[0] % g and s not in head8]
     record: dict[str, Any] = {"int4": [s.name for s in int4],
                               "int8_fallback": [{"name": s.name, "reason": f"group {g} does not divide K={s.shape[0]}"}
                                                 for s in int8]}
+    int8 += head8
     clips: dict[str, np.ndarray] = {}
     if sch.awq:
         from .awq import apply_awq
@@ -274,6 +276,7 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
         "activations": None, "sq_alpha": None, "smoothing": None, "calibration": None,
         **record,
         "quantize_embeddings": bool(options.embeddings), "quantize_lm_head": bool(options.lm_head),
+        "lm_head": "float" if options.head_bits is None else f"int{options.head_bits}",
         "embedding": embedding, "quantized": [s.name for s in sites], "excluded": excluded,
         "weight_bytes": facts["weight_bytes"], "library": {"onnxruntime": onnxruntime.__version__},
         "base_model_bytes": base.model_bytes,
@@ -297,8 +300,11 @@ def _embedding(model, info: GraphInfo, sites, options) -> tuple[list[str], str]:
     head = next((s for s in sites if s.name == "lm_head"), None)
     tied_copy = head is not None and info.head_is_table
     if tied_copy:  # the quantized tied head serves the embedding rows too
+        if options.head_bits == 8:
+            gather_int8_rows(model, gather, table, head.weight)
+            return [], "tied: rows gathered from the int8 lm head, then scaled (one stored copy)"
         gather_from_head(model, gather, table, f"{head.weight}_DequantizeLinear_Output")
-        return [], "tied: gathered from the quantized lm head (one stored copy)"
+        return [], "tied: gathered from the dequantized lm head (one stored copy)"
     if options.embeddings:
         add_weight_dq(model, table, axis=0)
         return [], "int8 per-row"

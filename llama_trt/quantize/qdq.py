@@ -88,4 +88,34 @@ def gather_from_head(model, gather_node: str, table: str, head_weight: str) -> N
 
 
 
-__all__ = ["add_weight_dq", "gather_from_head", "replace_with_dq"]
+
+
+
+def gather_int8_rows(model, gather_node: str, table: str, head_weight: str) -> None:
+    """Tied embedding served by an int8 per-channel head ``q [H, V]``, ``scale [V]``: the rows of
+    token ids are gathered as integers and scaled, ``q[:, ids]^T * scale[ids]`` (no whole-table
+    dequantization per step); the float table goes, so the file holds the matrix once."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    idx = next(i for i, n in enumerate(graph.node) if n.name == gather_node)
+    node = graph.node[idx]
+    ids, final = node.input[1], node.output[0]
+    q, scale = f"{head_weight}_quantized", f"{head_weight}_scale"
+    p = f"{gather_node}_int8"
+    axes = numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axes")
+    graph.initializer.append(axes)
+    new = [
+        helper.make_node("Gather", [q, ids], [f"{p}_q"], name=f"{p}_q", axis=1),            # [H, B, S] int8
+        helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=1),
+        helper.make_node("Transpose", [f"{p}_f"], [f"{p}_t"], name=f"{p}_t", perm=[1, 2, 0]),  # [B, S, H]
+        helper.make_node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=0),         # [B, S]
+        helper.make_node("Unsqueeze", [f"{p}_s", axes.name], [f"{p}_s1"], name=f"{p}_s1"),
+        helper.make_node("Mul", [f"{p}_t", f"{p}_s1"], [final], name=f"{p}_mul"),
+    ]
+    del graph.node[idx]
+    for k, n in enumerate(new):
+        graph.node.insert(idx + k, n)
+    if not any(table in n.input for n in graph.node):
+        _remove_init(graph, table)
+__all__ = ["add_weight_dq", "gather_from_head", "gather_int8_rows", "replace_with_dq"]
