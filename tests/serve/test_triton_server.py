@@ -135,8 +135,8 @@ def test_grpc_streaming_matches_run(triton, refs):
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         for prompt, ref in refs.items():
-            inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("max_tokens", [1], "INT32"),
-                      grpcclient.InferInput("stream", [1], "BOOL")]
+            inputs = [grpcclient.InferInput("text_input", [1], "BYTES"),
+                      grpcclient.InferInput("max_tokens", [1], "INT32"), grpcclient.InferInput("stream", [1], "BOOL")]
             inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
             inputs[1].set_data_from_numpy(np.array([12], dtype=np.int32))
             inputs[2].set_data_from_numpy(np.array([True]))
