@@ -1,28 +1,26 @@
-"""``llama-trt package ENGINE_DIR --triton OUT``: a Triton Inference Server model repository.
+"""``llama-trt package ARTIFACT_DIR --triton OUT``: a Triton Inference Server model repository
+for an ONNX export or a TensorRT engine folder (docs/serving.md explains how to run it).
 
-Two models, decided as follows (docs/serving.md explains how to run them):
+``OUT/<name>_generate/``  backend ``python`` (decoupled), both kinds
+    ``1/model.py`` = :mod:`llama_trt.serve.triton_model`: our runtime's scheduler, sampling,
+    stop handling and tokenizer (:class:`llama_trt.serve.engine.Engine`, as ``llama-trt
+    serve``) over the artifact named by the ``artifact_dir`` parameter: an export is copied
+    into ``1/artifact`` (ONNX Runtime, KIND_CPU); an engine is ``../../<name>/1`` (TensorRT,
+    KIND_GPU). Reachable through Triton's generate extension and gRPC streaming. This is the
+    model to expose (``--model-control-mode=explicit --load-model=<name>_generate``).
 
-``OUT/<name>/``  platform ``tensorrt_plan``
+``OUT/<name>/``  platform ``tensorrt_plan``, engines only
     ``1/model.plan`` (copied) + ``config.pbtxt`` whose inputs/outputs, dims and dtypes come
     from the engine manifest's IO contract: ``max_batch_size: 0`` (the batch dimension is
     explicit, ``-1`` marks every dynamic dim), ``instance_group`` KIND_GPU over all of the
-    engine's optimization profiles. The KV cache is explicit graph IO
-    (``past_key_values.*`` in, ``present.*`` out): this model is stateless and the caller
-    carries the cache (one forward per call). ``1/`` also gets ``manifest.json`` and the
-    tokenizer files, which makes it a valid llama-trt engine folder.
-
-``OUT/<name>_generate/``  backend ``python`` (decoupled)
-    ``1/model.py`` = :mod:`llama_trt.serve.triton_model`: our runtime's scheduler, sampling,
-    stop handling and tokenizer over the engine in ``../<name>/1`` -- the generate
-    semantics of ``llama-trt serve`` (text in, streamed text out), reachable through
-    Triton's generate extension. This is the model to expose; load only it
-    (``--model-control-mode=explicit --load-model=<name>_generate``) unless you also want
-    the raw forward, or the engine is deserialized twice.
+    engine's optimization profiles. The KV cache is explicit graph IO (``past_key_values.*``
+    in, ``present.*`` out): this model is stateless and the caller carries the cache. ``1/``
+    also gets ``manifest.json`` and the tokenizer files (a valid llama-trt engine folder).
 
 Why not ``sequence_batching`` with implicit state for the KV cache: Triton's implicit
 state would keep ``present.*`` server-side per sequence id, but sampling, stop strings and
 the token loop would still run in every client; the python model keeps all of it in one
-place. The raw model's config carries this note as a comment.
+place. The models are staged in a hidden folder inside OUT and renamed into place.
 """
 
 from __future__ import annotations

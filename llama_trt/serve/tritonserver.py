@@ -343,5 +343,6 @@ def processes_in_group(pgid: int) -> list[int]:
 
 
 __all__ = ["INSTALL_HINT", "TritonInstall", "TritonLaunch", "TritonPorts", "TritonServer", "TritonServerError",
-           "check_stub_numpy", "command_for_repository", "default_backend_dir", "find_tritonserver", "generic_command_line", "launch_spec", "prepare_backends",
-           "processes_in_group", "python_lib_dir", "serve_blocking"]
+           "check_stub_numpy", "command_for_repository", "default_backend_dir", "find_tritonserver",
+           "generic_command_line", "launch_spec", "prepare_backends", "processes_in_group", "python_lib_dir",
+           "serve_blocking"]

@@ -135,8 +135,8 @@ def test_grpc_streaming_matches_run(triton, refs):
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         for prompt, ref in refs.items():
-            inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("max_tokens", [1], "INT32"),
-                      grpcclient.InferInput("stream", [1], "BOOL")]
+            inputs = [grpcclient.InferInput("text_input", [1], "BYTES"),
+                      grpcclient.InferInput("max_tokens", [1], "INT32"), grpcclient.InferInput("stream", [1], "BOOL")]
             inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
             inputs[1].set_data_from_numpy(np.array([12], dtype=np.int32))
             inputs[2].set_data_from_numpy(np.array([True]))
@@ -211,3 +211,78 @@ def test_stop_by_pid_leaves_no_process(triton):
     assert processes_in_group(pid) == []
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (real tokenizer and chat template) through the same real server
+CHAT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")
+
+
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2_hf, tmp_path_factory):
+    from llama_trt.exporter import export
+
+    out = tmp_path_factory.mktemp("smol") / "smollm2"
+    export(smollm2_hf, out, dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol_triton(smollm2_export, tmp_path_factory):
+    require_tritonserver()
+    server = start_triton(smollm2_export, tmp_path_factory.mktemp("smol-triton"), "smollm2", max_batch=4)
+    yield server
+    server.stop()
+
+
+def _run_chat(export: Path, prompt: str, max_tokens: int) -> dict:
+    from click.testing import CliRunner
+
+    from llama_trt.cli import main
+
+    res = CliRunner().invoke(main, ["run", str(export), "--backend", "onnxruntime", "--chat", "--prompt", prompt,
+                                    "--max-new-tokens", str(max_tokens), "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_smollm2_chat_over_http_and_grpc_matches_run(smol_triton, smollm2_export):
+    import tritonclient.grpc as grpcclient
+
+    refs = {p: _run_chat(smollm2_export, p, 24) for p in CHAT_PROMPTS}
+    for prompt, ref in refs.items():
+        out = generate(smol_triton, {"text_input": prompt, "chat": True, "max_tokens": 24}, "smollm2_generate")
+        assert out["text_output"] == ref["text"] and as_list(out["output_ids"]) == ref["token_ids"]
+        assert out["prompt_tokens"] == len(ref["prompt_ids"]) and out["finish_reason"] == ref["finish_reason"]
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{smol_triton.launch.ports.grpc}")
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        prompt, ref = CHAT_PROMPTS[1], refs[CHAT_PROMPTS[1]]
+        inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("chat", [1], "BOOL"),
+                  grpcclient.InferInput("max_tokens", [1], "INT32"), grpcclient.InferInput("stream", [1], "BOOL")]
+        inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+        inputs[1].set_data_from_numpy(np.array([True]))
+        inputs[2].set_data_from_numpy(np.array([24], dtype=np.int32))
+        inputs[3].set_data_from_numpy(np.array([True]))
+        client.async_stream_infer("smollm2_generate", inputs)
+        text, ids = "", []
+        while True:
+            result, error = results.get(timeout=300)
+            assert error is None, error
+            text += result.as_numpy("text_output")[0].decode()
+            ids += result.as_numpy("output_ids").tolist()
+            if result.as_numpy("finish_reason")[0]:
+                break
+        assert text == ref["text"] and ids == ref["token_ids"]
+    finally:
+        client.stop_stream()
+        client.close()
+    before = metric(smol_triton, "nv_inference_request_success", "smollm2_generate")
+    with ThreadPoolExecutor(4) as pool:  # concurrent chat requests: all answered
+        outs = list(pool.map(lambda i: generate(smol_triton, {"text_input": CHAT_PROMPTS[i % 2], "chat": True,
+                                                              "max_tokens": 8}, "smollm2_generate"), range(8)))
+    assert all(o["text_output"] and o["completion_tokens"] >= 1 for o in outs)
+    assert metric(smol_triton, "nv_inference_request_success", "smollm2_generate") - before == 8
+    pid = smol_triton.pid
+    assert smol_triton.stop() == 0 and processes_in_group(pid) == []
