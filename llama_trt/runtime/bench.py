@@ -55,6 +55,9 @@ def peak_rss_mib() -> float:
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
 
+MIN_BANDWIDTH_GIB = 1 / 1024
+
+
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
     """(best, median) read bandwidth in GB/s from ``.sum()`` over a warm float32 array."""
     n = int(gib * (1 << 30)) // 4
@@ -90,6 +93,9 @@ def bench(session: Session, *, batch: int = 1, prompt_len: int = 64, new_tokens:
     """Warm up, then ``runs`` greedy generations of ``new_tokens`` from random prompts of ``prompt_len``."""
     if batch < 1 or prompt_len < 1 or new_tokens < 2 or runs < 1:
         raise GenerationError("bench needs batch >= 1, prompt-len >= 1, new-tokens >= 2 and runs >= 1")
+    if bandwidth_gib and bandwidth_gib < MIN_BANDWIDTH_GIB:  # a few bytes time nothing (and divided by zero)
+        raise GenerationError(f"--bandwidth-gib must be 0 (skip) or at least {MIN_BANDWIDTH_GIB:g} (1 MiB), "
+                              f"got {bandwidth_gib:g}")
     rng = np.random.default_rng(seed)
     c = session.config
     prompts = rng.integers(3, c.vocab_size, size=(batch, prompt_len)).tolist()
