@@ -56,6 +56,7 @@ def peak_rss_mib() -> float:
 
 
 MIN_BANDWIDTH_GIB = 1 / 1024
+MAX_BENCH_BATCH = 4096  # a KV cache per sequence: far more only exhausts memory
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
@@ -96,6 +97,11 @@ def bench(session: Session, *, batch: int = 1, prompt_len: int = 64, new_tokens:
     if bandwidth_gib and bandwidth_gib < MIN_BANDWIDTH_GIB:  # a few bytes time nothing (and divided by zero)
         raise GenerationError(f"--bandwidth-gib must be 0 (skip) or at least {MIN_BANDWIDTH_GIB:g} (1 MiB), "
                               f"got {bandwidth_gib:g}")
+    if prompt_len + new_tokens > session.max_context:  # before any allocation sized by them
+        raise GenerationError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the context of "
+                              f"{session.max_context}; lower them")
+    if batch > MAX_BENCH_BATCH:
+        raise GenerationError(f"--batch must be <= {MAX_BENCH_BATCH}, got {batch}")
     rng = np.random.default_rng(seed)
     c = session.config
     prompts = rng.integers(3, c.vocab_size, size=(batch, prompt_len)).tolist()
