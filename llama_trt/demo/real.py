@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .stages import bench_all, build_engines, export_all, export_rows, validate_all, write_summary
+from .stages import bench_all, build_engines, export_all, export_rows, validate_all
 from .summary import ChatAnswer, DemoSummary
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -49,7 +49,6 @@ def run_smollm2(out: Path, *, console, stage, started: float, questions=QUESTION
     rows = export_rows(exports, reports, speeds) + engine_rows
     summary = DemoSummary(str(out), str(ckpt), MODEL_NAME, tuple(rows), "", "",
                           round(time.perf_counter() - started, 1), tuple(notes), tuple(answers))
-    write_summary(out, summary, "smollm2")
     return summary
 
 
