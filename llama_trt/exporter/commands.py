@@ -88,7 +88,7 @@ def _print_quantization(q: dict, certificate: dict | None) -> None:
         click.echo(f"  note: not buildable by TensorRT: {q['spec']['tensorrt_note']}")
     cert = certificate_from_manifest({"certificate": certificate})
     if cert is not None:
-        click.echo(cert.summary())
+        click.echo(f"certificate: {cert.summary()}")
         if not cert.passed:
             click.echo(f"warning: the {q['scheme']} export misses its accuracy gate: " + "; ".join(cert.failures),
                        err=True)

@@ -1,5 +1,7 @@
 """AWQ (Lin et al. 2024, "Activation-aware Weight Quantization"): scale and clipping search.
 
+Used by int4-awq (int4 blocks) and by int8-weight (int8 per channel, scale search only).
+
 For each set of linear layers reading one activation ``x`` (q/k/v after ``input_layernorm``,
 gate/up after ``post_attention_layernorm``, down after ``up``, o after ``v`` when their
 shapes match, i.e. without GQA, as AutoAWQ does), the per-input-channel scale
@@ -40,10 +42,15 @@ class AwqReport:
                 "grid": SCALE_GRID, "clip_ratios": [round(1 - i / 20, 2) for i in range(CLIP_STEPS)]}
 
 
-def fake_quant(w, group: int, symmetric: bool, clip=None):
-    """torch twin of :func:`.weights.quantize_blocked` + :func:`.weights.dequantize` ([K, N])."""
+def fake_quant(w, group: int | None, symmetric: bool, clip=None):
+    """torch twin of :func:`.weights.quantize_blocked` + :func:`.weights.dequantize` ([K, N]);
+    ``group=None``: of :func:`.weights.int8_weight` (int8, one scale per output channel)."""
     import torch
 
+    if group is None:
+        s = w.abs().amax(0, keepdim=True) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return torch.round(w / s).clamp(-127, 127) * s
     k, n = w.shape
     b = w.reshape(k // group, group, n)
     if clip is not None:
@@ -58,7 +65,7 @@ def fake_quant(w, group: int, symmetric: bool, clip=None):
     return ((torch.round(b / s) + zp).clamp(0, 15) - zp).mul(s).reshape(k, n)
 
 
-def search_scale(x, w, group: int, symmetric: bool) -> tuple[np.ndarray, dict[str, float]]:
+def search_scale(x, w, group: int | None, symmetric: bool) -> tuple[np.ndarray, dict[str, float]]:
     """Best ``s`` [K] for input ``x`` [n, K] and the layers' weights ``w`` [K, N] side by side."""
     import torch
 
@@ -135,11 +142,12 @@ def norm_outputs(model) -> dict[str, str]:
     return out
 
 
-def apply_awq(model, sites: list[LinearSite], inputs: dict[str, np.ndarray], group: int, symmetric: bool,
+def apply_awq(model, sites: list[LinearSite], inputs: dict[str, np.ndarray], group: int | None, symmetric: bool,
               cfg: dict, on_group=None) -> tuple[dict[str, np.ndarray], AwqReport]:
     """Search and fold the scales into ``model`` (in place); return per-site clip [K/g, N] and a report.
 
-    ``sites`` are the layers that will be stored as int4 (``K`` divisible by ``group``)."""
+    ``sites`` are the layers that will be stored as int4 (``K`` divisible by ``group``), or with
+    ``group=None`` as int8 per channel (scale search only: the clip search is for int4 blocks)."""
     import torch
 
     graph = model.graph
@@ -165,7 +173,7 @@ def apply_awq(model, sites: list[LinearSite], inputs: dict[str, np.ndarray], gro
             x = x / torch.from_numpy(s)
             ws = [torch.from_numpy(np.array(_init_array(graph, site.weight))) for site in group_sites]
         for site, w in zip(group_sites, ws):
-            if site.name.rpartition(".")[2] not in NO_CLIP:
+            if group is not None and site.name.rpartition(".")[2] not in NO_CLIP:
                 clips[site.name] = search_clip(x, w, group, symmetric)
                 report.clipped.append(site.name)
         if on_group is not None:

@@ -89,6 +89,34 @@ def _torch_model(cfg: dict, state_dict):
     return model.eval()
 
 
+def awq_search(model, sites, group, options, record, *, base_dir, base, state_dict, tokenizer_files,
+               prog) -> dict[str, np.ndarray]:
+    """Calibrate, capture the layers' inputs (torch), search and fold AWQ scales; returns the clips."""
+    from .awq import apply_awq
+    from .stats import input_key, linear_inputs
+
+    calib = calibration(options, base_dir, base, tokenizer_files, prog)
+    record["calibration"] = calib.to_dict()
+    searched = [s for s in sites if s.name != "lm_head"]
+    batches = _batches(calib.tokens)
+    inputs = linear_inputs(_torch_model(base.config, state_dict), batches, [s.name for s in searched],
+                           seed=options.seed, on_batch=prog.task("activation capture (torch)", len(batches)))
+    clips, report = apply_awq(model, searched, inputs, group, options.scheme.symmetric, base.config,
+                              on_group=prog.task("AWQ scale search", len({input_key(s.name) for s in searched})))
+    record["awq"] = report.to_dict()
+    return clips
+
+
+def quantize_int8_weight(model, sites, options, **kw) -> dict[str, Any]:
+    """int8 per channel, after the activation-aware scale search (int8-weight)."""
+    record: dict[str, Any] = {}
+    if options.scheme.awq:
+        awq_search(model, sites, None, options, record, **kw)
+    for s in sites:
+        add_weight_dq(model, s.weight, axis=1)
+    return record
+
+
 def quantize_int4(model, sites, options, *, base_dir, base, state_dict, tokenizer_files, prog) -> dict[str, Any]:
     """int4 blocks where the group divides K, int8 per-channel elsewhere; AWQ first for int4-awq."""
     sch = options.scheme
@@ -102,19 +130,8 @@ def quantize_int4(model, sites, options, *, base_dir, base, state_dict, tokenize
     int8 += head8
     clips: dict[str, np.ndarray] = {}
     if sch.awq:
-        from .awq import apply_awq
-        from .stats import input_key, linear_inputs
-
-        calib = calibration(options, base_dir, base, tokenizer_files, prog)
-        record["calibration"] = calib.to_dict()
-        searched = [s for s in int4 if s.name != "lm_head"]
-        batches = _batches(calib.tokens)
-        inputs = linear_inputs(_torch_model(base.config, state_dict), batches, [s.name for s in searched],
-                               seed=options.seed, on_batch=prog.task("activation capture (torch)", len(batches)))
-        n_groups = len({input_key(s.name) for s in searched})
-        clips, report = apply_awq(model, searched, inputs, g, sch.symmetric, base.config,
-                                  on_group=prog.task("AWQ scale + clip search", n_groups))
-        record["awq"] = report.to_dict()
+        clips = awq_search(model, int4, g, options, record, base_dir=base_dir, base=base, state_dict=state_dict,
+                           tokenizer_files=tokenizer_files, prog=prog)
     for s in int4:
         w = _init_array(model.graph, s.weight)
         replace_with_dq(model, s.weight, quantize_blocked(w, g, symmetric=sch.symmetric, clip=clips.get(s.name)))
@@ -256,8 +273,8 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
             record = quantize_int4(model, sites, options, base_dir=base_dir, base=base, state_dict=state_dict,
                                    tokenizer_files=tokenizer_files, prog=prog)
         else:
-            for s in sites:
-                add_weight_dq(model, s.weight, axis=1)
+            record = quantize_int8_weight(model, sites, options, base_dir=base_dir, base=base, state_dict=state_dict,
+                                          tokenizer_files=tokenizer_files, prog=prog)
         del state_dict
         keep_float, embedding = _embedding(model, info, sites, options)
         _mark(model, options)

@@ -8,7 +8,12 @@ fuses into ``com.microsoft.MatMulNBits`` (checked here with ORT 1.32: both forms
   (uint4 + uint4 zero points ``[K/g, N]`` with ``--int4-zero-point``).
 
 The DQ output feeds the MatMul directly (no Transpose / Reshape in between), so builders keep
-the weights quantized instead of constant-folding them to float.
+the weights quantized instead of constant-folding them to float. Why this form: TensorRT's INT4
+weight-only path is "INT4 weight constant + DQ prologue into a high-precision GEMM", and its
+IDequantizeLayer rejects non-zero INT4 zero points (Torch-TensorRT's INT4 WOQ tutorial; DESIGN.md
+records a TensorRT-RTX 1.7.1 build of exactly ``DQ(int4 [K, N], scale [K/64, N], axis=0,
+block_size=64) -> MatMul`` at a quarter of the fp16 engine's bytes). Blocks run along K, the
+reduction axis, as ONNX Runtime's MatMulNBits also wants.
 """
 
 from __future__ import annotations

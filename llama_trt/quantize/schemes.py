@@ -6,7 +6,8 @@ records :meth:`Scheme.to_dict`, so an artifact says exactly what it holds.
 
 ==============  =====================================================================
 ``int8-weight``  W8A16: int8 weights, one symmetric scale per output channel
-                 (``DequantizeLinear(axis=1)`` on a ``[K, N]`` MatMul weight).
+                 (``DequantizeLinear(axis=1)`` on a ``[K, N]`` MatMul weight), after AWQ's
+                 activation-aware scale search (exact folds only; alpha 0 = plain rounding).
 ``int8-sq``      W8A8 SmoothQuant: int8 per-channel weights and per-tensor int8
                  activations; refused when it misses its KL target (see smoothquant.py).
 ``int4-awq``     W4A16: int4 weights in blocks of ``group_size`` along the input
@@ -27,7 +28,9 @@ from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, check_calibration_fil
 DEFAULT_ALPHA = 0.5
 DEFAULT_GROUP = 64
 GROUP_SIZES = (32, 64, 128)
-TENSORRT_INT4_GROUPS = (32, 64, 128)  # NVIDIA's INT4 weight-only block sizes (ModelOpt / TensorRT docs)
+# The block sizes offered for TensorRT INT4 weight-only (ModelOpt's int4_awq uses 128; DESIGN.md: a
+# g64 DQ -> MatMul built by TensorRT-RTX 1.7.1 stayed int4). Not re-verified by a build in this change.
+TENSORRT_INT4_GROUPS = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Scheme:
 
 
 SCHEMES: dict[str, Scheme] = {
-    "int8-weight": Scheme("int8-weight", 8),
+    "int8-weight": Scheme("int8-weight", 8, awq=True, calibrated=True),
     "int8-sq": Scheme("int8-sq", 8, activations=True, calibrated=True),
     "int4-awq": Scheme("int4-awq", 4, DEFAULT_GROUP, awq=True, calibrated=True),
     "int4-rtn": Scheme("int4-rtn", 4, DEFAULT_GROUP),
