@@ -22,6 +22,9 @@ from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_er
               help="Require 'Authorization: Bearer KEY' (env LLAMA_TRT_API_KEY); /health stays open.")
 @backend_option()
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: physical cores).")
+@click.option("--max-context", type=click.IntRange(1), default=None,
+              help="Context to serve, below the export's (the KV cache, per batch row, is sized to it; "
+                   "ONNX Runtime backend).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="Larger bodies get 413 (also bounds the text one request makes the server tokenize).")
 @click.option("--request-timeout", default=600.0, show_default=True, type=FiniteFloat(0.0, min_open=True),
@@ -34,8 +37,8 @@ from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_er
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @friendly_errors
-def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, threads, max_body_bytes, request_timeout,
-              shutdown_timeout, cors_origins, model_name, log_level):
+def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, threads, max_context, max_body_bytes,
+              request_timeout, shutdown_timeout, cors_origins, model_name, log_level):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (completions, chat, SSE streaming, /metrics)."""
     from .server import serve
     from .settings import ServeSettings
@@ -50,7 +53,7 @@ def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, thre
                              request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
                              cors_origins=tuple(cors_origins))
     serve(artifact, settings, backend=backend, max_batch=max_batch, max_queue=max_queue, model_name=model_name,
-          log_level=log_level, threads=threads)
+          log_level=log_level, threads=threads, max_context=max_context)
 
 
 @click.command("package")
