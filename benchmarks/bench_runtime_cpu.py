@@ -1,20 +1,23 @@
-"""Runtime on CPU, side by side: our ONNX Runtime session vs torch eager vs onnxruntime-genai.
+"""Runtime on CPU, side by side, one contender per process: our ONNX Runtime session (fp32, fp16,
+int8-weight, int4 when the exporter has it) vs onnxruntime-genai (fp32, int8, int4) vs
+transformers eager fp32.
 
-Same ~125M-parameter random LLaMA (hidden 768, 12 layers, 12 heads / 4 KV heads, intermediate
-2048, vocab 32000) for every contender; batch 1, greedy, fixed random prompt, EOS ignored.
-Contenders alternate within each round (machines are noisy) and medians are reported.
+``--model smollm2``: SmolLM2-135M-Instruct (the reference HF folder from the checkpoint zoo).
+``--model seeded``: a random ~125M LLaMA (hidden 768, 12 layers, 12 heads / 4 KV heads,
+intermediate 2048, vocab 32000) with a WordLevel tokenizer the genai builder accepts.
 
-onnxruntime-genai is used when importable, with its own model builder
-(``python -m onnxruntime_genai.models.builder -m CKPT -o OUT -p fp32 -e cpu``). The builder
-insists on a tokenizer it can load with ``AutoTokenizer``: the checkpoint folder gets a small
-WordLevel ``tokenizer.json`` + ``tokenizer_config.json`` (built here with ``tokenizers``).
+Every contender lives in its own subprocess (so its peak RSS, ``VmHWM``, is its own: model,
+runtime and KV cache) and all run with the same intra-op thread count (``--threads``;
+onnxruntime-genai gets it through ``intra_op_num_threads`` in its genai_config.json, which
+otherwise defaults to 1 thread here). The parent alternates the contenders within each cycle
+(order reversed every other cycle: machines are noisy) and reports medians. Greedy decoding of a
+fixed random prompt, EOS ignored; TTFT = prefill + first token; decode tok/s over the rest.
 
-``llama_trt_onnxruntime`` is the default ``OrtSession`` (``fused_ops=True`` on CPU: the
-session-time rewrite to ORT's fused kernels); ``llama_trt_onnxruntime_unfused`` runs the
-exported graph as is (``fused_ops=False``), for a before/after in the same run.
+Artifacts are built once under ``--workdir`` (our exports with ``llama-trt export``, genai's
+with ``python -m onnxruntime_genai.models.builder``) and reused. Prints one JSON object.
 
-Prints one JSON object. Usage:
-    python benchmarks/bench_runtime_cpu.py [--prompt-len 32] [--new-tokens 32] [--rounds 5] [--nospin] [--busy N]
+    python benchmarks/bench_runtime_cpu.py --model smollm2 [--cycles 6] [--prompt-len 64]
+        [--new-tokens 32] [--batch 1] [--threads N] [--only ours_fp32,genai_fp32]
 """
 
 from __future__ import annotations
@@ -34,8 +37,20 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+OURS = {"ours_fp32": ("fp32", None), "ours_fp16": ("fp16", None), "ours_int8_weight": ("fp32", "int8-weight"),
+        "ours_int4": ("fp32", "int4")}
+GENAI = {"genai_fp32": "fp32", "genai_int8": "int8", "genai_int4": "int4"}
+HF = {"transformers_eager_fp32": "fp32"}
 
-def bench_config():
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def seeded_config():
     from llama_trt.config import LlamaConfig
 
     return LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
@@ -57,174 +72,300 @@ def tokenizer_files(vocab_size: int) -> dict[str, bytes]:
     return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(cfg).encode()}
 
 
-def prepare(work: Path, log) -> dict[str, Path | None]:
-    from llama_trt.checkpoint import random_state_dict, save_hf_checkpoint
+def checkpoint(model: str, work: Path) -> Path:
+    if model == "smollm2":
+        from llama_trt.checkpoint.zoo import reference_hf_folder
 
-    config = bench_config()
-    ckpt, ours, genai = work / "ckpt", work / "ours_onnx", work / "genai_onnx"
+        return reference_hf_folder()
+    ckpt = work / "ckpt"
     if not (ckpt / "config.json").is_file():
-        t = time.perf_counter()
-        save_hf_checkpoint(config, random_state_dict(config, seed=0, std=0.02), ckpt, overwrite=True,
-                           extra_files=tokenizer_files(config.vocab_size))
-        log(f"checkpoint written in {time.perf_counter() - t:.0f} s")
-    if not (ours / "manifest.json").is_file():
-        from llama_trt.exporter import export
+        from llama_trt.checkpoint import random_state_dict, save_hf_checkpoint
 
-        t = time.perf_counter()
-        export(ckpt, ours, dtype="fp32", force=True)
-        log(f"our export in {time.perf_counter() - t:.0f} s")
-    genai_note = None
+        cfg = seeded_config()
+        save_hf_checkpoint(cfg, random_state_dict(cfg, seed=0, std=0.02), ckpt, overwrite=True,
+                           extra_files=tokenizer_files(cfg.vocab_size))
+    return ckpt
+
+
+def _run(cmd: list[str]) -> str | None:
+    """Run a build step; None when it worked, else its last stderr line."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode == 0:
+        return None
+    return ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1][:300]
+
+
+def build_ours(name: str, ckpt: Path, work: Path) -> tuple[Path | None, str | None]:
+    from llama_trt.exporter.quantize import SCHEMES
+
+    dtype, scheme = OURS[name]
+    out = work / name
+    if (out / "manifest.json").is_file():
+        return out, None
+    if scheme is not None and scheme not in SCHEMES:
+        return None, f"quantization scheme {scheme!r} is not in this llama-trt ({', '.join(SCHEMES)})"
+    cmd = [sys.executable, "-m", "llama_trt.cli", "export", str(ckpt), "-o", str(out), "--dtype", dtype, "--force"]
+    if scheme:
+        cmd += ["--quantize", scheme]
+    t = time.perf_counter()
+    err = _run(cmd)
+    log(f"{name}: export {'failed: ' + err if err else f'in {time.perf_counter() - t:.0f} s'}")
+    return (None, f"export failed: {err}") if err else (out, None)
+
+
+def build_genai(name: str, ckpt: Path, work: Path, threads: int) -> tuple[Path | None, str | None]:
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
-        genai, genai_note = None, "onnxruntime_genai not importable: skipped"
-    if genai is not None and not (genai / "genai_config.json").is_file():
+        return None, "onnxruntime_genai is not importable"
+    out = work / name
+    cfg_file = out / "genai_config.json"
+    if not cfg_file.is_file():
         t = time.perf_counter()
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(ckpt), "-o", str(genai),
-               "-p", "fp32", "-e", "cpu", "-c", str(work / "genai_cache")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not (genai / "genai_config.json").is_file():
-            genai_note = "genai builder failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
-            genai = None
-        else:
-            log(f"genai build in {time.perf_counter() - t:.0f} s")
-    return {"config": config, "ckpt": ckpt, "ours": ours, "genai": genai, "genai_note": genai_note}
+        err = _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(ckpt), "-o", str(out),
+                    "-p", GENAI[name], "-e", "cpu", "-c", str(work / "genai_cache")])
+        if err or not cfg_file.is_file():
+            return None, f"genai builder failed: {err}"
+        log(f"{name}: built in {time.perf_counter() - t:.0f} s")
+    cfg = json.loads(cfg_file.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    if opts.get("intra_op_num_threads") != threads:  # same thread count as ours (genai's default: 1 here)
+        opts["intra_op_num_threads"] = threads
+        cfg_file.write_text(json.dumps(cfg, indent=4))
+    return out, None
+
+
+# ----------------------------------------------------------------------------- contenders (in workers)
 
 
 class Ours:
-    name = "llama_trt_onnxruntime"
-
-    def __init__(self, path, backend, **options):
+    def __init__(self, path: str, threads: int):
         from llama_trt.runtime import open_session
 
-        self.session = open_session(path, backend, **options)
-        self.name = "llama_trt_onnxruntime" if backend == "onnxruntime" else "torch_eager"
-        if options.get("fused_ops") is False:
-            self.name += "_unfused"
-        if options.get("allow_spinning") is False:
-            self.name += "_nospin"
+        self.session = open_session(path, "onnxruntime", threads=threads)
 
-    def run(self, prompt, new_tokens):
-        from llama_trt.runtime import GenerationConfig, generate
+    def run(self, prompts, new_tokens):
+        from llama_trt.runtime import GenerationConfig, generate_batch
 
-        r = generate(self.session, prompt, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
-        return r.prefill_ms, r.decode_tokens_per_s, r.token_ids
+        rs = generate_batch(self.session, prompts, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+        return rs[0].prefill_ms, rs[0].decode_tokens_per_s * len(prompts), [r.token_ids for r in rs]
 
 
 class Genai:
-    name = "onnxruntime_genai"
-
-    def __init__(self, path):
+    def __init__(self, path: str, threads: int):
         import onnxruntime_genai as og
 
         self.og = og
-        self.model = og.Model(str(path))
+        self.model = og.Model(path)
 
-    def run(self, prompt, new_tokens):
+    def run(self, prompts, new_tokens):
         og = self.og
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        params.set_search_options(max_length=len(prompts[0]) + new_tokens, do_sample=False,
+                                  batch_size=len(prompts))
         gen = og.Generator(self.model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(np.asarray([prompt], dtype=np.int32))
-        gen.generate_next_token() if hasattr(gen, "generate_next_token") else None
-        ids = [int(gen.get_next_tokens()[0])]
+        gen.append_tokens(np.asarray(prompts, dtype=np.int32))
+        ids = [gen.get_next_tokens().tolist()]
         ttft = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
         while len(ids) < new_tokens and not gen.is_done():
             gen.generate_next_token()
-            ids.append(int(gen.get_next_tokens()[0]))
-        rate = (len(ids) - 1) / (time.perf_counter() - t1)
-        return ttft, rate, ids
+            ids.append(gen.get_next_tokens().tolist())
+        rate = (len(ids) - 1) * len(prompts) / (time.perf_counter() - t1)
+        return ttft, rate, [list(col) for col in zip(*ids)]
+
+
+class Transformers:
+    def __init__(self, path: str, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+
+    def run(self, prompts, new_tokens):
+        torch = self.torch
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model(torch.tensor(prompts), use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            ttft = (time.perf_counter() - t0) * 1e3
+            ids, past = [nxt], out.past_key_values
+            t1 = time.perf_counter()
+            while len(ids) < new_tokens:
+                out = self.model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                ids.append(nxt)
+            rate = (len(ids) - 1) * len(prompts) / (time.perf_counter() - t1)
+        return ttft, rate, torch.cat(ids, 1).tolist()
+
+
+KINDS = {"ours": Ours, "genai": Genai, "transformers": Transformers}
+
+
+def _vm(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(kind: str, path: str, threads: int) -> None:
+    """Serve JSON commands on stdin: {"prompts", "new_tokens"} -> one run; {"stats": 1} -> memory."""
+    t = time.perf_counter()
+    contender = KINDS[kind](path, threads)
+    open_s = time.perf_counter() - t
+    rss_open = _vm("VmRSS")
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if "stats" in cmd:
+            print(json.dumps({"open_s": open_s, "rss_after_open_mib": rss_open, "peak_rss_mib": _vm("VmHWM")}),
+                  flush=True)
+            continue
+        ttft, rate, ids = contender.run(cmd["prompts"], cmd["new_tokens"])
+        print(json.dumps({"ttft_ms": ttft, "decode_tokens_per_s": rate, "ids": ids}), flush=True)
+
+
+class Worker:
+    def __init__(self, name: str, kind: str, path: Path, threads: int):
+        self.name = name
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--path", str(path),
+                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self._read()  # ready
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, cmd: dict) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def prepare(args, work: Path) -> tuple[dict[str, tuple[str, Path]], dict[str, str]]:
+    ckpt = checkpoint(args.model, work)
+    wanted = set(args.only.split(",")) if args.only else set(OURS) | set(GENAI) | set(HF)
+    plan, skipped = {}, {}
+    for name in OURS:
+        if name in wanted:
+            path, why = build_ours(name, ckpt, work)
+            plan[name] = ("ours", path) if path else None
+            skipped.update({name: why} if why else {})
+    for name in GENAI:
+        if name in wanted:
+            path, why = build_genai(name, ckpt, work, args.threads)
+            plan[name] = ("genai", path) if path else None
+            skipped.update({name: why} if why else {})
+    if "transformers_eager_fp32" in wanted:
+        plan["transformers_eager_fp32"] = ("transformers", ckpt)
+    return {k: v for k, v in plan.items() if v is not None}, skipped
+
+
+def summarize(samples: dict[str, dict], stats: dict[str, dict], ref: str | None) -> dict[str, dict]:
+    out = {}
+    for name, s in samples.items():
+        out[name] = {
+            "decode_tokens_per_s_median": statistics.median(s["decode_tokens_per_s"]),
+            "ttft_ms_median": statistics.median(s["ttft_ms"]),
+            **stats[name],
+            "decode_tokens_per_s": [round(x, 2) for x in s["decode_tokens_per_s"]],
+            "ttft_ms": [round(x, 2) for x in s["ttft_ms"]],
+            **({"greedy_ids_equal_" + ref: s["ids"] == samples[ref]["ids"]} if ref and ref in samples else {}),
+        }
+    return out
+
+
+def ratios(summary: dict[str, dict]) -> dict[str, float]:
+    pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int4", "genai_int4"),
+             ("ours_fp32", "transformers_eager_fp32")]
+    out = {}
+    for a, b in pairs:
+        if a in summary and b in summary:
+            out[f"{a}_vs_{b}_decode"] = (summary[a]["decode_tokens_per_s_median"]
+                                         / summary[b]["decode_tokens_per_s_median"])
+            out[f"{a}_vs_{b}_ttft"] = summary[a]["ttft_ms_median"] / summary[b]["ttft_ms_median"]
+    return out
 
 
 def main() -> None:
+    from llama_trt.runtime.sessions.base import physical_cores
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("smollm2", "seeded"), default="smollm2")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "llama_trt_bench_cpu")
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--no-unfused", action="store_true",
-                    help="skip the extra contender OrtSession(fused_ops=False) (the export's graph as is)")
-    ap.add_argument("--nospin", action="store_true",
-                    help="add OrtSession(allow_spinning=False): ORT workers sleep instead of spinning (shared CPUs)")
-    ap.add_argument("--busy", type=int, default=0,
-                    help="run N busy-loop processes during the rounds (a loaded, shared machine)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--cycles", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--only", default="", help="comma-separated contenders (default: all)")
+    ap.add_argument("--worker", choices=tuple(KINDS), help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-
-    def log(msg):
-        print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-    prep = prepare(args.workdir, log)
-    config = prep["config"]
-    prompt = np.random.default_rng(0).integers(3, config.vocab_size, size=args.prompt_len).tolist()
-    contenders = [Ours(prep["ours"], "onnxruntime"), Ours(prep["ckpt"], "torch")]
-    if not args.no_unfused:
-        contenders.append(Ours(prep["ours"], "onnxruntime", fused_ops=False))
-    if args.nospin:
-        contenders.append(Ours(prep["ours"], "onnxruntime", allow_spinning=False))
-    if prep["genai"] is not None:
-        contenders.append(Genai(prep["genai"]))
-    results = {c.name: {"ttft_ms": [], "decode_tokens_per_s": [], "token_ids": None} for c in contenders}
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    if args.worker:
+        return worker(args.worker, args.path, args.threads)
+    work = args.workdir / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    plan, skipped = prepare(args, work)
+    vocab = json.loads((checkpoint(args.model, work) / "config.json").read_text())["vocab_size"]
+    prompts = np.random.default_rng(0).integers(3, vocab, size=(args.batch, args.prompt_len)).tolist()
+    workers = []
+    for name, (kind, path) in plan.items():
+        try:
+            workers.append(Worker(name, kind, path, args.threads))
+        except Exception as e:  # noqa: BLE001 - one contender failing to start must not sink the others
+            skipped[name] = f"failed to start: {e}"
+    samples = {w.name: {"ttft_ms": [], "decode_tokens_per_s": [], "ids": None} for w in workers}
     try:
-        for c in contenders:  # warm-up
-            c.run(prompt, 4)
-        for rnd in range(args.rounds):
-            order = contenders if rnd % 2 == 0 else contenders[::-1]
-            for c in order:
-                ttft, rate, ids = c.run(prompt, args.new_tokens)
-                results[c.name]["ttft_ms"].append(round(ttft, 2))
-                results[c.name]["decode_tokens_per_s"].append(round(rate, 2))
-                results[c.name]["token_ids"] = ids
-            log(f"round {rnd + 1}/{args.rounds} done")
+        for w in workers:  # warm-up
+            w.ask({"prompts": prompts, "new_tokens": min(4, args.new_tokens)})
+        for cycle in range(args.cycles):
+            for w in workers if cycle % 2 == 0 else workers[::-1]:
+                r = w.ask({"prompts": prompts, "new_tokens": args.new_tokens})
+                for k in ("ttft_ms", "decode_tokens_per_s"):
+                    samples[w.name][k].append(r[k])
+                samples[w.name]["ids"] = r["ids"]
+            log(f"cycle {cycle + 1}/{args.cycles} done")
+        stats = {w.name: w.ask({"stats": 1}) for w in workers}
     finally:
-        for p in busy:
-            p.kill()
-            p.wait()
-    summary = {}
-    ref_ids = results["torch_eager"]["token_ids"]
-    for name, r in results.items():
-        summary[name] = {
-            "ttft_ms_median": statistics.median(r["ttft_ms"]),
-            "decode_tokens_per_s_median": statistics.median(r["decode_tokens_per_s"]),
-            "ttft_ms": r["ttft_ms"], "decode_tokens_per_s": r["decode_tokens_per_s"],
-            "greedy_ids_equal_torch": r["token_ids"] == ref_ids,
-        }
-    ours = summary["llama_trt_onnxruntime"]["decode_tokens_per_s_median"]
-    ratios = {"ours_vs_torch_eager": ours / summary["torch_eager"]["decode_tokens_per_s_median"]}
-    if "onnxruntime_genai" in summary:
-        ratios["ours_vs_onnxruntime_genai"] = ours / summary["onnxruntime_genai"]["decode_tokens_per_s_median"]
-    if "llama_trt_onnxruntime_unfused" in summary:
-        unfused = summary["llama_trt_onnxruntime_unfused"]["decode_tokens_per_s_median"]
-        ratios["ours_vs_ours_unfused"] = ours / unfused
-        if "onnxruntime_genai" in summary:
-            ratios["ours_unfused_vs_onnxruntime_genai"] = (
-                unfused / summary["onnxruntime_genai"]["decode_tokens_per_s_median"])
-    if "llama_trt_onnxruntime_nospin" in summary and "onnxruntime_genai" in summary:
-        ratios["ours_nospin_vs_onnxruntime_genai"] = (summary["llama_trt_onnxruntime_nospin"]
-                                                      ["decode_tokens_per_s_median"]
-                                                      / summary["onnxruntime_genai"]["decode_tokens_per_s_median"])
-    targets = {"ours >= 1.5x torch eager": ratios["ours_vs_torch_eager"] >= 1.5}
-    if "ours_vs_onnxruntime_genai" in ratios:
-        targets["ours within 10% of onnxruntime-genai"] = ratios["ours_vs_onnxruntime_genai"] >= 0.9
+        for w in workers:
+            w.close()
+    summary = summarize(samples, stats, "ours_fp32")
     import onnxruntime
-    import torch
 
-    out = {
-        "benchmark": "runtime_cpu", "machine": f"{os.cpu_count()}-core {platform.machine()} CPU",
-        "model": {**{k: getattr(config, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                                                      "intermediate_size", "vocab_size")},
-                  "parameters": config.num_parameters(), "dtype": "fp32"},
-        "settings": {"batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                     "greedy": True, "busy_processes": args.busy},
-        "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                     "onnxruntime_genai": getattr(sys.modules.get("onnxruntime_genai"), "__version__", None)},
-        "ours_session": contenders[0].session.describe(),
-        "results": summary, "ratios": ratios, "targets_met": targets, "genai_note": prep["genai_note"],
-    }
-    print(json.dumps(out, indent=2))
+    print(json.dumps({
+        "benchmark": "runtime_cpu", "model": args.model,
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads_every_contender": args.threads,
+        "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "cycles": args.cycles, "greedy": True},
+        "versions": {"onnxruntime": onnxruntime.__version__,
+                     "onnxruntime_genai": _version("onnxruntime_genai"), "transformers": _version("transformers")},
+        "results": summary, "ratios": ratios(summary), "skipped": skipped,
+    }, indent=2))
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_er
 @backend_option()
 @tokenizer_options
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: physical cores).")
+@click.option("--max-context", type=click.IntRange(1), default=None,
+              help="Context to serve, below the export's (the KV cache, per batch row, is sized to it; "
+                   "ONNX Runtime backend).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="Larger bodies get 413 (also bounds the text one request makes the server tokenize).")
 @click.option("--request-timeout", default=600.0, show_default=True, type=FiniteFloat(0.0, min_open=True),
@@ -36,8 +39,7 @@ from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_er
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @friendly_errors
 def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, tokenizer, chat_template, threads,
-              max_body_bytes, request_timeout,
-              shutdown_timeout, cors_origins, model_name, log_level):
+              max_context, max_body_bytes, request_timeout, shutdown_timeout, cors_origins, model_name, log_level):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (completions, chat, SSE streaming, /metrics)."""
     from .server import serve
     from .settings import ServeSettings
@@ -52,7 +54,8 @@ def serve_cmd(artifact, host, port, max_batch, max_queue, api_key, backend, toke
                              request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
                              cors_origins=tuple(cors_origins))
     serve(artifact, settings, backend=backend, max_batch=max_batch, max_queue=max_queue, model_name=model_name,
-          log_level=log_level, threads=threads, tokenizer_path=tokenizer, chat_template_file=chat_template)
+          log_level=log_level, threads=threads, max_context=max_context, tokenizer_path=tokenizer,
+          chat_template_file=chat_template)
 
 
 @click.command("package")

@@ -80,8 +80,9 @@ class DrainingServer:
 
 def serve(artifact, settings: ServeSettings | None = None, *, backend: str = "auto", max_batch: int = 8,
           max_queue: int = 64, model_name: str | None = None, log_level: str = "info", threads: int | None = None,
-          tokenizer_path=None, chat_template_file=None) -> None:
-    """Blocking: serve ``artifact`` until SIGTERM / Ctrl-C (drained, see :class:`DrainingServer`)."""
+          max_context: int | None = None, tokenizer_path=None, chat_template_file=None) -> None:
+    """Blocking: serve ``artifact`` until SIGTERM / Ctrl-C (drained, see :class:`DrainingServer`).
+    ``max_context``: serve a context below the artifact's (the KV cache is sized to it)."""
     import logging
 
     import uvicorn
@@ -91,7 +92,8 @@ def serve(artifact, settings: ServeSettings | None = None, *, backend: str = "au
     settings = settings or ServeSettings()
     engine = build_engine(artifact, backend=backend, max_batch=max_batch, max_queue=max_queue,
                           model_name=model_name, threads=threads, tokenizer_path=tokenizer_path,
-                          chat_template_file=chat_template_file)
+                          chat_template_file=chat_template_file,
+                          **({"max_context": max_context} if max_context else {}))
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=5)

@@ -57,13 +57,26 @@ def gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
 
 
+def _manifest(onnx_path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(onnx_path).parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cpu_note(onnx_path: Path, device: str) -> str | None:
+    """What an fp16 export costs on ONNX Runtime's CPU kernels (kept in ``describe()``)."""
+    if device == "cpu" and _manifest(onnx_path).get("dtype") == "fp16":
+        return ("fp16 export on CPU: ONNX Runtime's CPU MatMul kernels take fp32, so it converts the fp16 "
+                "weights to fp32 at open: memory and speed of the fp32 export")
+    return None
+
+
 def target_warning(onnx_path: Path, device: str) -> str | None:
     """Why this export is a poor fit for ONNX Runtime on ``device``, or None."""
-    try:
-        manifest = json.loads((Path(onnx_path).parent / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    quant = manifest.get("quantization") if isinstance(manifest, dict) else None
+    manifest = _manifest(onnx_path)
+    quant = manifest.get("quantization")
     scheme = quant.get("scheme") if isinstance(quant, dict) else None
     if scheme == "int8-sq" and device == "cpu":
         return ("this int8-sq export (int8 activations through QuantizeLinear/DequantizeLinear) targets TensorRT; "
@@ -291,6 +304,7 @@ class OrtSession(Session):
                             if self.graph.cache_file else "off"),
             "weights": f"read by ONNX Runtime from {self.graph.weights_dir} (not copied at open)",
             **({"target_warning": self.target_warning} if self.target_warning else {}),
+            **({"cpu_note": note} if (note := cpu_note(self.onnx_path, self.device)) else {}),
             "kv_cache": ("preallocated double buffer per layer, bound with IO binding (no numpy copies, "
                          "no per-token allocation)" if self.kv_mode == "prealloc"
                          else "ORT-allocated presents rebound as next past (IO binding, no numpy copies)"),

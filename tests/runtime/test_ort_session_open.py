@@ -1,6 +1,9 @@
-"""int8-sq exports (int8 activations through Q/DQ) are made for TensorRT: on ONNX Runtime's CPU
+"""What an ONNX Runtime session says and sizes at open.
+
+int8-sq exports (int8 activations through Q/DQ) are made for TensorRT: on ONNX Runtime's CPU
 kernels they run several times slower than fp32, so the session says so at open; int8-weight
-exports (made for CPUs too) open quietly."""
+exports (made for CPUs too) open quietly. ``max_context`` sizes the session (and serve's
+engine) below the export's context."""
 
 from __future__ import annotations
 
@@ -42,3 +45,18 @@ def test_int8_weight_opens_quietly(quantized, stories_export, capfd, tmp_path):
     # bench counts int8 weights at 1 byte each: well under the fp32 export's bytes per token
     fp32 = open_session(stories_export, "onnxruntime", cache_dir=tmp_path)
     assert s.graph_reads().weight_bytes_per_token < 0.5 * fp32.graph_reads().weight_bytes_per_token
+
+
+def test_max_context_sizes_the_session_and_its_cache(stories_export, tmp_path):
+    """A context below the export's: the session, the serve engine and the KV buffers follow it."""
+    from llama_trt.runtime import open_session
+    from llama_trt.runtime.artifact import ArtifactError
+    from llama_trt.serve.server import build_engine
+
+    s = open_session(stories_export, "onnxruntime", max_context=64, cache_dir=tmp_path)
+    c = s.config
+    s.reset(2)
+    assert s.max_context == 64 and s._bufs[0][0][0].size == 2 * c.num_kv_heads * 64 * c.head_dim
+    assert build_engine(stories_export, backend="onnxruntime", max_context=64).max_context == 64
+    with pytest.raises(ArtifactError, match="outside"):
+        open_session(stories_export, "onnxruntime", max_context=c.max_position_embeddings + 1)
