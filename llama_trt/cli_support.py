@@ -26,7 +26,8 @@ from .errors import LlamaTrtError
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 BACKEND_HELP = "auto (engine -> tensorrt, export -> onnxruntime, checkpoint -> torch), tensorrt, onnxruntime, torch"
 EXPORT_DTYPES = ("fp32", "fp16")
-QUANTIZE_SCHEMES = ("int8-weight", "int8-sq")
+QUANTIZE_SCHEMES = ("int8-weight", "int8-sq", "int4-awq", "int4-rtn")  # = quantize.schemes.SCHEME_NAMES
+GROUP_SIZES = ("32", "64", "128")
 
 
 def backend_option(help: str = BACKEND_HELP):

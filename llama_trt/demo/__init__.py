@@ -8,12 +8,14 @@ Both end with one table (:func:`render_summary`) and ``summary.json``.
 
 from __future__ import annotations
 
+import functools
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import LlamaTrtError
 from .seeded import SIZES, make_demo_checkpoint, train_tokenizer
-from .stages import DEMO_MARKER, prepare_out_dir
+from .stages import DEMO_MARKER, prepare_out_dir, write_summary
 from .summary import ChatAnswer, DemoRow, DemoSummary, render_summary
 
 DEMO_SIZES = ("smollm2", *SIZES)
@@ -34,16 +36,23 @@ def run_demo(out_dir="llama-trt-demo", *, size: str = "smollm2", force: bool = F
     out = Path(out_dir)
     prepare_out_dir(out, force)
 
+    marks: list[tuple[str, float]] = []
+
     def stage(msg: str) -> None:
+        marks.append((msg, time.perf_counter()))
         console.rule(f"[bold]{msg}")
 
     if size == "smollm2":
-        from .real import run_smollm2
+        from .real import run_smollm2 as run
+    else:
+        from .seeded import run_seeded
 
-        return run_smollm2(out, console=console, stage=stage, started=started, **options)
-    from .seeded import run_seeded
-
-    return run_seeded(out, size=size, console=console, stage=stage, started=started, **options)
+        run = functools.partial(run_seeded, size=size)
+    summary = run(out, console=console, stage=stage, started=started, **options)
+    ends = [t for _, t in marks[1:]] + [time.perf_counter()]
+    timed = replace(summary, stage_seconds=tuple((m, round(end - t, 1)) for (m, t), end in zip(marks, ends)))
+    write_summary(out, timed, size)
+    return timed
 
 
 __all__ = ["DEMO_MARKER", "DEMO_SIZES", "ChatAnswer", "DemoRow", "DemoSummary", "make_demo_checkpoint",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .stages import bench_all, build_engines, export_all, export_rows, validate_all, write_summary
+from .stages import bench_all, build_engines, export_all, export_rows, validate_all
 from .summary import ChatAnswer, DemoSummary
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -49,7 +49,6 @@ def run_smollm2(out: Path, *, console, stage, started: float, questions=QUESTION
     rows = export_rows(exports, reports, speeds) + engine_rows
     summary = DemoSummary(str(out), str(ckpt), MODEL_NAME, tuple(rows), "", "",
                           round(time.perf_counter() - started, 1), tuple(notes), tuple(answers))
-    write_summary(out, summary, "smollm2")
     return summary
 
 
@@ -64,7 +63,7 @@ def chat_answers(export_dir: Path, ckpt: Path, questions, console) -> list[ChatA
     with open_session(export_dir, "onnxruntime") as session:
         for question, (ref_ids, ref_text) in zip(questions, reference):
             messages = [{"role": "user", "content": question}]
-            ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
+            ids = tokenizer.encode_chat(messages)
             result = generate(session, ids, GenerationConfig(max_new_tokens=CHAT_TOKENS), tokenizer)
             answer = ChatAnswer(question, (result.text or "").strip(), ref_text.strip(),
                                 _strip_eos(result.token_ids) == _strip_eos(ref_ids))

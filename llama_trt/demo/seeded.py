@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import LlamaTrtError
-from .stages import bench_all, build_engines, export_all, export_rows, validate_all, write_summary
+from .stages import bench_all, build_engines, export_all, export_rows, validate_all
 from .summary import DemoSummary
 
 # Built-in training text for the demo tokenizer (public-domain style prose, written here).
@@ -112,5 +112,4 @@ def run_seeded(out: Path, *, size: str, console, stage, started: float, steps: i
     rows = export_rows(exports, reports, speeds) + engine_rows
     summary = DemoSummary(str(out), str(ckpt), f"seeded random LLaMA ({size})", tuple(rows), prompt,
                           result.text or "", round(time.perf_counter() - started, 1), tuple(notes))
-    write_summary(out, summary, size)
     return summary

@@ -39,6 +39,7 @@ class DemoSummary:
     seconds: float
     notes: tuple[str, ...] = field(default=())
     chat: tuple[ChatAnswer, ...] = field(default=())
+    stage_seconds: tuple[tuple[str, float], ...] = field(default=())   # (stage, wall seconds), in order
 
     @property
     def passed(self) -> bool:
@@ -77,6 +78,9 @@ def render_summary(summary: DemoSummary, console=None) -> None:
     for r in summary.rows:
         if r.report:
             console.print(f"report {r.artifact}: {r.report}  plot: {r.plot}")
+    if summary.stage_seconds:
+        console.print("time per stage: " + ", ".join(f"{name.split(' ')[0]} {sec:.0f} s"
+                                                    for name, sec in summary.stage_seconds))
     for n in summary.notes:
         console.print(f"note: {escape(n)}")
     console.print(f"summary: {Path(summary.out_dir) / 'summary.json'}")

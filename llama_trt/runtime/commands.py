@@ -236,10 +236,8 @@ def bench_command(artifact, backend, batch, prompt_len, new_tokens, runs, warmup
                   as_json) -> None:
     """Time ARTIFACT: median TTFT and decode tokens/s, peak RSS, and the bandwidth limit."""
     from .bench import bench, render_bench
-    from .generate import GenerationConfig, check_request
 
     art, session, _ = _open(artifact, backend, None, threads)
-    check_request([[1] * prompt_len], GenerationConfig(max_new_tokens=max(new_tokens, 1)), session)
     result = bench(session, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs, warmup=warmup,
                    bandwidth_gib=bandwidth_gib or None, artifact=str(art.path))
     if as_json:

@@ -90,7 +90,10 @@ def _as_ids(prompt, tokenizer: Tokenizer | None) -> list[int]:
             raise GenerationError("a text prompt needs a tokenizer; pass token ids (--prompt-ids) or a tokenizer")
         ids = tokenizer.encode(prompt)
     else:
-        ids = [int(i) for i in np.asarray(prompt, dtype=np.int64).reshape(-1)]
+        try:
+            ids = [int(i) for i in np.asarray(prompt, dtype=np.int64).reshape(-1)]
+        except OverflowError:  # an id past int64 cannot be in any vocabulary
+            raise GenerationError("a prompt token id is outside the vocabulary (and outside int64)") from None
     if not ids:
         raise GenerationError("the prompt is empty; give at least one token")
     return ids

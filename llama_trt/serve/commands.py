@@ -92,9 +92,12 @@ def package_cmd(artifact_dir, triton_out, model_name, max_batch, max_queue, inst
 @click.option("--model", "models", multiple=True, required=True,
               help="Model to load (repeatable), e.g. NAME_generate as `package` printed.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address of HTTP, gRPC and metrics.")
-@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Triton's HTTP/REST port (v2 inference + generate extension).")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535),
+              help="Triton's gRPC port (streaming for decoupled models).")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
+              help="Triton's Prometheus /metrics port.")
 @click.option("--backend-dir", type=click.Path(path_type=Path), default=None,
               help="Where to prepare the python backend for this Python (default: ~/.cache/llama-trt/tritonserver).")
 @click.option("--ready-timeout", default=300.0, show_default=True, type=FiniteFloat(0.0, min_open=True),
