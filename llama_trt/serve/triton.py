@@ -265,6 +265,10 @@ def package_triton(artifact_dir, out_dir, *, model_name: str | None = None, forc
     gen_name = f"{name}_generate"
     models = (name, gen_name) if kind == "engine" else (gen_name,)
     for m in models:
+        target = (out_dir / m).resolve()
+        if target == src.resolve() or target in src.resolve().parents:
+            raise PackageError(f"{out_dir / m} is the artifact being packaged (or contains it): writing there would "
+                               "delete it; choose another OUT_DIR or --model-name")
         if (out_dir / m).exists() and not force:
             raise PackageError(f"{out_dir / m} exists; pass --force to replace it or choose another OUT_DIR")
     if out_dir.exists() and not out_dir.is_dir():

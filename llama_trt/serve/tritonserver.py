@@ -26,6 +26,7 @@ outside the standard library.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shlex
 import shutil
@@ -131,8 +132,12 @@ def prepare_backends(install: TritonInstall, dest: Path | None = None) -> Path:
     dest = Path(dest) if dest is not None else default_backend_dir(install)
     stub = install.stub()
     target = dest / "python"
-    if (target / stub.name).is_file() and (target / "libtriton_python.so").is_file():
-        return dest
+    lib = "libtriton_python.so"
+    if (target / stub.name).is_file() and (target / lib).is_file():
+        if filecmp.cmp(stub, target / stub.name, shallow=False) and \
+                filecmp.cmp(install.python_backend / lib, target / lib, shallow=False):
+            return dest
+        shutil.rmtree(target)  # another Python's stub or another wheel's backend: replace it
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / f".python.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

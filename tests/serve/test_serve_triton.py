@@ -127,6 +127,13 @@ def test_package_an_onnx_export(tmp_path, tiny_export):
     assert (out / "tiny_generate" / "1" / "model.py").is_file()
     assert "--load-model=tiny_generate" in res.output and "--model-control-mode=explicit" in res.output
     assert f"--model-repository={out.resolve()}" in res.output
+    # a model folder that is the artifact itself is refused (with --force too), never deleted
+    import shutil
+
+    src = tmp_path / "repo2" / "x_generate"
+    shutil.copytree(tiny_export, src)
+    res = CliRunner().invoke(main, ["package", str(src), "--triton", str(src.parent), "--model-name", "x", "--force"])
+    assert res.exit_code == 2 and "being packaged" in res.output and (src / "model.onnx").is_file()
 
 
 class _FakePb(types.ModuleType):

@@ -213,6 +213,62 @@ def test_stop_by_pid_leaves_no_process(triton):
         os.kill(pid, 0)
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def test_cli_triton_serve_runs_until_sigterm(tiny_export, tmp_path):
+    """`llama-trt triton-serve` (a real subprocess): ready, answers, and SIGTERM to the CLI stops
+    tritonserver and its stub."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    require_tritonserver()
+    res = package_triton(tiny_export, tmp_path / "repo", model_name="tiny", threads=1)
+    http = free_port()
+    env = dict(os.environ)
+    src = str(Path(llama_trt.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    cli = subprocess.Popen([sys.executable, "-m", "llama_trt.cli", "triton-serve", str(res.repository), "--model",
+                            res.generate_model, "--http-port", str(http), "--grpc-port", str(free_port()),
+                            "--metrics-port", str(free_port()), "--backend-dir", str(tmp_path / "backends")],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert cli.poll() is None, cli.stderr.read().decode()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "triton-serve was not ready"
+            time.sleep(0.5)
+        status, raw = post(f"http://127.0.0.1:{http}/v2/models/tiny_generate/generate",
+                           {"text_input": PROMPTS[0], "max_tokens": 3})
+        assert status == 200 and json.loads(raw)["completion_tokens"] == 3
+        (server_pid,) = _children(cli.pid)
+        cli.send_signal(signal.SIGTERM)
+        cli.wait(90)
+        assert processes_in_group(server_pid) == []  # tritonserver and its stub are gone
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+
+
 # ---------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct (real tokenizer and chat template) through the same real server
 CHAT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")

@@ -44,6 +44,9 @@ def test_prepare_backends_copies_the_stub_for_this_python(tmp_path):
     assert (py / "libtriton_python.so").read_bytes() == b"lib" and (py / "triton_python_backend_utils.py").is_file()
     assert sorted(p.name for p in dest.iterdir()) == ["python"]  # no temporary folder left
     assert ts.prepare_backends(install, dest) == dest  # reused as it is
+    (py / "triton_python_backend_stub").write_bytes(b"stub of another python")
+    ts.prepare_backends(install, dest)  # replaced, not trusted
+    assert (py / "triton_python_backend_stub").read_bytes() == f"stub {PY}".encode()
 
 
 def test_missing_stub_for_this_python_is_one_clear_error(tmp_path):
