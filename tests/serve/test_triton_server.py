@@ -281,12 +281,8 @@ CHAT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea."
 
 
 @pytest.fixture(scope="module")
-def smollm2_export(smollm2_hf, tmp_path_factory):
-    from llama_trt.exporter import export
-
-    out = tmp_path_factory.mktemp("smol") / "smollm2"
-    export(smollm2_hf, out, dtype="fp32")
-    return out
+def smollm2_export(smollm2_fp32_export):
+    return smollm2_fp32_export
 
 
 @pytest.fixture(scope="module")
