@@ -1,0 +1,108 @@
+"""The build-time fp16 weight path (no TensorRT): graph form and ONNX Runtime logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from llama_trt.trt_engines.halfweights import halve_float_weights
+
+TINY_TIED = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
+                 num_kv_heads=2, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def quantized_exports(tmp_path_factory):
+    """scheme -> (fp32 export folder of a seeded tied model, its checkpoint state dict)."""
+    from llama_trt.checkpoint import create_tiny_checkpoint
+    from llama_trt.exporter import export
+
+    root = tmp_path_factory.mktemp("halfweights")
+    ckpt = create_tiny_checkpoint(root / "ckpt", seed=3, **TINY_TIED)
+    made = {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            out = root / scheme
+            kw = {} if scheme == "fp32" else {"quantize": scheme, "certify": False}
+            if scheme == "fp16":
+                export(ckpt, out, dtype="fp16", ort_check=False)
+            else:
+                export(ckpt, out, dtype="fp32", ort_check=False, **kw)
+            made[scheme] = out
+        return made[scheme]
+
+    get.checkpoint = ckpt
+    return get
+
+
+def _logits(model, manifest, ids):
+    import onnxruntime as ort
+
+    from llama_trt.exporter.feeds import build_feeds
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # the ONNX semantics, not ORT's fused int8 kernels (they quantize activations on the fly)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return s.run(None, build_feeds(manifest, ids))[0]
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight", "int4-rtn"])
+def test_half_weight_path_keeps_logits_and_io(quantized_exports, scheme):
+    from llama_trt.exporter import load_manifest
+
+    folder = quantized_exports(scheme)
+    manifest = load_manifest(folder)
+    model = onnx.load(str(manifest.model_path(folder)))
+    halved = onnx.ModelProto()
+    halved.CopyFrom(model)
+    report = halve_float_weights(halved)
+
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    g = model.graph
+    tables = {i.name for i in g.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
+              and np.prod(i.dims) >= 1 << 16}
+    transposed = {n.output[0] for n in g.node if n.op_type == "Transpose" and n.input[0] in tables}
+    weights = {n.output[0] for n in dqs} | tables | transposed
+    assert report.dequantize == len(dqs) > 0
+    assert report.tables == len(tables)
+    assert report.matmuls == sum(n.op_type == "MatMul" and n.input[1] in weights for n in g.node)
+    assert report.gathers == sum(n.op_type == "Gather" and n.input[0] in tables for n in g.node)
+    if scheme == "int8-weight":  # the float tied embedding: read by the Gather and the lm head
+        assert report.tables == 1 and report.gathers == 1
+    inits = {i.name: i for i in halved.graph.initializer}
+    for n in (n for n in halved.graph.node if n.op_type == "DequantizeLinear"):
+        assert inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.INT4)
+        assert inits[n.input[1]].data_type == TensorProto.FLOAT16
+    big_float = [i.name for i in halved.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
+                 and np.prod(i.dims) >= 1 << 16]
+    assert big_float == []
+    # the engine's I/O contract is the export's
+    io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in (*m.graph.input, *m.graph.output)]  # noqa: E731
+    assert io(halved) == io(model)
+    onnx.checker.check_model(halved)
+
+    ids = np.random.default_rng(0).integers(0, manifest.llama_config.vocab_size, (1, 9))
+    ref, got = _logits(model, manifest, ids), _logits(halved, manifest, ids)
+    assert got.dtype == np.float32
+    # fp16 storage of the fp32 table and fp16 GEMM inputs: fp16-rounding-sized differences (the
+    # fp16 export of this model differs from its fp32 export by at most 0.0074 here)
+    np.testing.assert_allclose(got, ref, atol=2e-2, rtol=0)
+    assert np.mean(np.argmax(got, -1) == np.argmax(ref, -1)) >= 0.85
+
+
+def test_fp32_graph_without_qdq_is_left_alone_by_the_builder(quantized_exports, tmp_path):
+    """write_lowered applies the pass only to Q/DQ exports with fp32 activations."""
+    from llama_trt.exporter import load_manifest
+    from llama_trt.trt_engines.builder import write_lowered
+    from llama_trt.trt_engines.lowering import LoweringOptions
+
+    folder = quantized_exports("fp32")
+    manifest = load_manifest(folder)
+    _, _, precision, halved = write_lowered(manifest.model_path(folder), tmp_path, LoweringOptions(64),
+                                            half_weights=True)
+    assert precision == "fp32" and halved is None
