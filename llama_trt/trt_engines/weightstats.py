@@ -18,7 +18,17 @@ _TOTAL_RE = re.compile(r"Total Weights Memory:\s*(\d+)\s*bytes")
 _BITS = {"FLOAT": 32, "HALF": 16, "BF16": 16, "INT8": 8, "UINT8": 8, "BOOL": 8, "FP8": 8, "INT4": 4, "FP4": 4,
          "INT32": 32, "INT64": 64, "E8M0": 8}
 _NAMES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "INT8": "int8", "UINT8": "uint8", "INT4": "int4",
-          "FP8": "fp8", "FP4": "fp4", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "E8M0": "e8m0"}
+          "FP8": "fp8", "FP4": "fp4", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "E8M0": "e8m0",
+          "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _weights_size(w) -> tuple[str, int]:
+    """(type name, bytes) of an ``IConstantLayer.weights`` value: a numpy array for the types numpy
+    has, a ``trt.Weights`` (element count, no usable nbytes) for INT4 / FP4 and the like."""
+    if hasattr(w, "nbytes") and hasattr(w, "shape"):
+        return _NAMES.get(w.dtype.name, w.dtype.name), int(w.nbytes)
+    kind = str(w.dtype).split(".")[-1]
+    return _NAMES.get(kind, kind.lower()), (int(w.size) * _BITS.get(kind, 8) + 7) // 8
 
 
 def builder_weight_bytes(messages) -> int | None:
@@ -40,10 +50,7 @@ def network_weight_bytes(backend, network) -> dict[str, int]:
         if layer.type != trt.LayerType.CONSTANT:
             continue
         layer.__class__ = trt.IConstantLayer
-        w = layer.weights
-        kind = w.dtype.name
-        nbytes = (int(w.size) * _BITS.get(kind, 8) + 7) // 8
-        key = _NAMES.get(kind, kind.lower())
+        key, nbytes = _weights_size(layer.weights)
         out[key] = out.get(key, 0) + nbytes
     return dict(sorted(out.items()))
 
