@@ -10,6 +10,7 @@ so a failed build leaves nothing behind. Backend differences live in :mod:`.back
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -23,7 +24,7 @@ from ..errors import BuildError
 from ..outputs import check_output, move_into_place, prepare_output
 from . import backend as B
 from .header import decode_engine_header
-from .halfweights import HalfWeights, halve_float_weights
+from .halfweights import HalfWeights, dequantize_int_gathers, halve_float_weights
 from .lowering import (NATIVE, PLUGIN, LoweringOptions, OpRoute, activation_elem_type, detect_precision, has_qdq,
                        lower_model)
 from .weightstats import builder_weight_bytes, network_weight_bytes
@@ -159,7 +160,10 @@ def write_lowered(source_onnx: Path, work_dir: Path, options: LoweringOptions, *
         model = onnx.load(str(source_onnx))
     lowered, routes = lower_model(model, options)
     halved = halve_float_weights(lowered) if halve else None
-    if halved is not None:
+    gathers = dequantize_int_gathers(lowered) if has_qdq(lowered) else 0
+    if gathers:
+        halved = dataclasses.replace(halved or HalfWeights(), int_gathers=gathers)
+    if halve:
         del model
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / "model.onnx"

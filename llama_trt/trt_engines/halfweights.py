@@ -39,13 +39,15 @@ class HalfWeights:
     gathers: int = 0        # Gathers reading an fp16 table
     tables: int = 0         # fp32 matrices stored as fp16
     bytes_saved: int = 0    # initializer bytes saved (fp32 -> fp16)
+    int_gathers: int = 0    # Gathers of int8 rows given a unit-scale DequantizeLinear
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         return (f"fp16 weight path: {self.dequantize} DQ scales, {self.tables} float matrices "
-                f"({self.bytes_saved / 1e6:.1f} MB saved), {self.matmuls} MatMuls and {self.gathers} Gathers in fp16")
+                f"({self.bytes_saved / 1e6:.1f} MB saved), {self.matmuls} MatMuls and {self.gathers} Gathers in fp16, "
+                f"{self.int_gathers} int8 row Gathers behind a unit-scale DQ")
 
 
 def _consumers(graph) -> dict[str, list[tuple[Any, int]]]:
@@ -167,4 +169,45 @@ def _insert_casts(graph, half: set[str], helper) -> dict[str, int]:
     return counts
 
 
-__all__ = ["HalfWeights", "MIN_TABLE_ELEMENTS", "halve_float_weights"]
+def dequantize_int_gathers(model) -> int:
+    """``Gather(int8 table, ids) -> Cast`` (the int8 rows of a tied embedding whose quantized
+    lm head holds the matrix) becomes ``Gather(DequantizeLinear(table, 1.0), ids) -> Cast``:
+    TensorRT accepts an int8 constant only as the input of a DequantizeLinear (it refuses the
+    build otherwise), and keeps it int8 in this form. Exact: a unit fp16 scale represents
+    every int8 value. Returns the number of Gathers rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers = _consumers(graph)
+    unit = "llama_trt.unit_scale"
+    done: dict[str, str] = {}
+    new_nodes, count = [], 0
+    for node in graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        readers = consumers.get(node.output[0], ()) if table is not None else ()
+        if (table is None or table.data_type not in (3, 22) or not readers
+                or not all(n.op_type == "Cast" for n, _ in readers)):
+            new_nodes.append(node)
+            continue
+        if table.name not in done:
+            if unit not in inits:
+                graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float16), unit))
+                inits[unit] = graph.initializer[-1]
+            done[table.name] = f"{table.name}.unit_dq"
+            new_nodes.append(helper.make_node("DequantizeLinear", [table.name, unit], [done[table.name]],
+                                              name=f"{table.name}.unit_dq"))
+        node.input[0] = done[table.name]
+        new_nodes.append(node)
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        gathered = {n.output[0] for n in new_nodes if n.op_type == "Gather" and n.input[0] in done.values()}
+        keep = [vi for vi in graph.value_info if vi.name not in gathered]
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    return count
+
+
+__all__ = ["HalfWeights", "MIN_TABLE_ELEMENTS", "dequantize_int_gathers", "halve_float_weights"]

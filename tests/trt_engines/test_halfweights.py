@@ -9,34 +9,6 @@ from onnx import TensorProto
 
 from llama_trt.trt_engines.halfweights import halve_float_weights
 
-TINY_TIED = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
-                 num_kv_heads=2, tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def quantized_exports(tmp_path_factory):
-    """scheme -> (fp32 export folder of a seeded tied model, its checkpoint state dict)."""
-    from llama_trt.checkpoint import create_tiny_checkpoint
-    from llama_trt.exporter import export
-
-    root = tmp_path_factory.mktemp("halfweights")
-    ckpt = create_tiny_checkpoint(root / "ckpt", seed=3, **TINY_TIED)
-    made = {}
-
-    def get(scheme: str):
-        if scheme not in made:
-            out = root / scheme
-            kw = {} if scheme == "fp32" else {"quantize": scheme, "certify": False}
-            if scheme == "fp16":
-                export(ckpt, out, dtype="fp16", ort_check=False)
-            else:
-                export(ckpt, out, dtype="fp32", ort_check=False, **kw)
-            made[scheme] = out
-        return made[scheme]
-
-    get.checkpoint = ckpt
-    return get
-
 
 def _logits(model, manifest, ids):
     import onnxruntime as ort
@@ -52,10 +24,10 @@ def _logits(model, manifest, ids):
 
 
 @pytest.mark.parametrize("scheme", ["int8-weight", "int4-rtn"])
-def test_half_weight_path_keeps_logits_and_io(quantized_exports, scheme):
+def test_half_weight_path_keeps_logits_and_io(tied_exports, scheme):
     from llama_trt.exporter import load_manifest
 
-    folder = quantized_exports(scheme)
+    folder = tied_exports(scheme)
     manifest = load_manifest(folder)
     model = onnx.load(str(manifest.model_path(folder)))
     halved = onnx.ModelProto()
@@ -95,13 +67,13 @@ def test_half_weight_path_keeps_logits_and_io(quantized_exports, scheme):
     assert np.mean(np.argmax(got, -1) == np.argmax(ref, -1)) >= 0.85
 
 
-def test_fp32_graph_without_qdq_is_left_alone_by_the_builder(quantized_exports, tmp_path):
+def test_fp32_graph_without_qdq_is_left_alone_by_the_builder(tied_exports, tmp_path):
     """write_lowered applies the pass only to Q/DQ exports with fp32 activations."""
     from llama_trt.exporter import load_manifest
     from llama_trt.trt_engines.builder import write_lowered
     from llama_trt.trt_engines.lowering import LoweringOptions
 
-    folder = quantized_exports("fp32")
+    folder = tied_exports("fp32")
     manifest = load_manifest(folder)
     _, _, precision, halved = write_lowered(manifest.model_path(folder), tmp_path, LoweringOptions(64),
                                             half_weights=True)
