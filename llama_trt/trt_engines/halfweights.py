@@ -8,7 +8,8 @@ its type, so this pass changes the types the builder sees, not the export:
 
 * ``DequantizeLinear(int8/int4 W, fp32 scale) -> MatMul`` gets an fp16 scale (the DQ
   output is fp16: the W8A16 / W4A16 weight-only form), and the MatMul runs in fp16 between
-  ``Cast`` nodes on its activation input and its output;
+  ``Cast`` nodes on its activation input and its output (a MatMul whose activation also comes
+  through a DequantizeLinear, an int8-sq W8A8 GEMM, is left as it is);
 * large fp32 matrices read only by ``Gather`` (the embedding), ``MatMul`` (as B) or a
   ``Transpose`` feeding ``MatMul`` (the tied lm head) are stored in fp16, with the same
   ``Cast`` nodes around their readers.
@@ -100,12 +101,16 @@ def halve_float_weights(model, min_elements: int = MIN_TABLE_ELEMENTS) -> HalfWe
     half: set[str] = set()     # tensors now fp16
     n_dq = n_tables = saved = 0
 
+    producers = {o: n.op_type for n in graph.node for o in n.output}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 2:
             continue
         w, s = inits.get(node.input[0]), inits.get(node.input[1])
         if w is None or s is None or w.data_type not in _INT_WEIGHT_TYPES or s.data_type != _FLOAT:
             continue
+        if any(n.op_type == "MatMul" and producers.get(n.input[0]) == "DequantizeLinear"
+               for n, _ in consumers.get(node.output[0], ())):
+            continue  # W8A8 (int8-sq): TensorRT fuses Q/DQ on both inputs into an int8 GEMM; leave it whole
         if all(n.op_type == "DequantizeLinear" and i == 1 for n, i in consumers.get(s.name, ())):
             saved += _to_fp16(s) if s.name not in half else 0
         else:  # also read elsewhere (the int8 rows of a tied embedding): the DQ gets an fp16 copy

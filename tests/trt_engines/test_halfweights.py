@@ -78,3 +78,24 @@ def test_fp32_graph_without_qdq_is_left_alone_by_the_builder(tied_exports, tmp_p
     _, _, precision, halved = write_lowered(manifest.model_path(folder), tmp_path, LoweringOptions(64),
                                             half_weights=True)
     assert precision == "fp32" and halved is None
+
+
+def test_w8a8_gemm_is_left_whole():
+    """An activation Q/DQ pair on the MatMul (int8-sq): no fp16 Casts, the weight scale stays fp32."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (256, 256)).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(np.full(256, 0.01, np.float32), "w_s"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "x_s")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "x_s"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], axis=1),
+             helper.make_node("MatMul", ["x_dq", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    before = model.SerializeToString()
+    report = halve_float_weights(model)
+    assert report.dequantize == 0 and report.matmuls == 0
+    assert model.SerializeToString() == before
