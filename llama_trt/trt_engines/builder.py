@@ -159,12 +159,12 @@ def write_lowered(source_onnx: Path, work_dir: Path, options: LoweringOptions, *
     if halve:
         model = onnx.load(str(source_onnx))
     lowered, routes = lower_model(model, options)
+    del model  # lower_model copied it; with the weights loaded, do not hold them twice
     halved = halve_float_weights(lowered) if halve else None
     gathers = dequantize_int_gathers(lowered) if has_qdq(lowered) else 0
     if gathers:
         halved = dataclasses.replace(halved or HalfWeights(), int_gathers=gathers)
-    if halve:
-        del model
+    if halve:  # weights rewritten: save them beside the lowered graph
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / "model.onnx"
         onnx.save(lowered, str(out), save_as_external_data=True, location="model.onnx.data",
