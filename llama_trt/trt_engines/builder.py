@@ -10,6 +10,7 @@ so a failed build leaves nothing behind. Backend differences live in :mod:`.back
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -23,7 +24,10 @@ from ..errors import BuildError
 from ..outputs import check_output, move_into_place, prepare_output
 from . import backend as B
 from .header import decode_engine_header
-from .lowering import NATIVE, PLUGIN, LoweringOptions, OpRoute, activation_elem_type, detect_precision, lower_model
+from .halfweights import HalfWeights, dequantize_int_gathers, halve_float_weights
+from .lowering import (NATIVE, PLUGIN, LoweringOptions, OpRoute, activation_elem_type, detect_precision, has_qdq,
+                       lower_model)
+from .weightstats import builder_weight_bytes, network_weight_bytes
 from .manifest import ENGINE_NAME, LOG_NAME, MANIFEST_NAME, EngineManifest
 from .profiles import ShapeLimits, make_profiles
 
@@ -50,6 +54,7 @@ class BuildOptions:
     optimization_level: int | None = None    # builder_optimization_level (0..5)
     progress: bool = False                   # rich progress on stderr
     verbose: bool = False                    # echo TensorRT warnings on stderr
+    half_weights: bool = True                # fp32-activation Q/DQ exports: fp16 scales, tables, GEMMs
 
     def resolve_limits(self, config) -> ShapeLimits:
         ctx = self.max_context if self.max_context is not None else config.max_position_embeddings
@@ -138,15 +143,33 @@ def _choose_plugins(backend: B.Backend, wanted: bool | None, stages: _Stages) ->
     return ok
 
 
-def write_lowered(source_onnx: Path, work_dir: Path, options: LoweringOptions) -> tuple[Path, list[OpRoute], str]:
+def write_lowered(source_onnx: Path, work_dir: Path, options: LoweringOptions, *,
+                  half_weights: bool = False) -> tuple[Path, list[OpRoute], str, HalfWeights | None]:
     """Lower ``source_onnx`` into ``work_dir/model.onnx`` (external data linked, not copied).
 
-    Returns (path, routes, precision)."""
+    ``half_weights``: a Q/DQ export with fp32 activations also gets the fp16 weight path
+    (:mod:`.halfweights`; its weights are loaded for that). Returns (path, routes, precision,
+    what the fp16 pass changed or None)."""
     import onnx
+    from onnx import TensorProto
 
     model = onnx.load(str(source_onnx), load_external_data=False)
     precision = detect_precision(model)
+    halve = half_weights and has_qdq(model) and activation_elem_type(model) == TensorProto.FLOAT
+    if halve:
+        model = onnx.load(str(source_onnx))
     lowered, routes = lower_model(model, options)
+    del model  # lower_model copied it; with the weights loaded, do not hold them twice
+    halved = halve_float_weights(lowered) if halve else None
+    gathers = dequantize_int_gathers(lowered) if has_qdq(lowered) else 0
+    if gathers:
+        halved = dataclasses.replace(halved or HalfWeights(), int_gathers=gathers)
+    if halve:  # weights rewritten: save them beside the lowered graph
+        work_dir.mkdir(parents=True, exist_ok=True)
+        out = work_dir / "model.onnx"
+        onnx.save(lowered, str(out), save_as_external_data=True, location="model.onnx.data",
+                  size_threshold=1024)
+        return out, routes, precision, halved
     work_dir.mkdir(parents=True, exist_ok=True)
     for loc in _external_locations(lowered):
         src, dst = source_onnx.parent / loc, work_dir / loc
@@ -157,7 +180,7 @@ def write_lowered(source_onnx: Path, work_dir: Path, options: LoweringOptions) -
             shutil.copyfile(src, dst)
     out = work_dir / "model.onnx"
     onnx.save(lowered, str(out))
-    return out, routes, precision
+    return out, routes, precision, None
 
 
 def _check_targets_vs_precision(targets, model_elem_type: int, precision: str) -> None:
@@ -259,7 +282,7 @@ def inspect_network(artifact_dir, *, max_context: int | None = None, backend: st
     stages = _Stages(False)
     use_plugins = _choose_plugins(be, plugins, stages)
     with tempfile.TemporaryDirectory(prefix="llama_trt_inspect_") as tmp:
-        path, routes, precision = write_lowered(
+        path, routes, precision, _ = write_lowered(
             export.model_path(artifact_dir), Path(tmp),
             LoweringOptions(max_context or cfg.max_position_embeddings, use_plugins, rms_norm_native))
         parsed = parse_network(be, path, routes, precision)
@@ -314,7 +337,10 @@ def _build_into(tmp: Path, artifact_dir: Path, export, config, limits: ShapeLimi
     with stages.stage("lower", "routing fused ops") as d:
         use_plugins = _choose_plugins(backend, options.plugins, stages)
         lowering = LoweringOptions(limits.max_context, use_plugins, options.rms_norm_native)
-        onnx_path, routes, precision = write_lowered(source_onnx, work, lowering)
+        onnx_path, routes, precision, halved = write_lowered(source_onnx, work, lowering,
+                                                             half_weights=options.half_weights)
+        if halved is not None:
+            stages.note(halved.describe())
         elem = activation_elem_type(onnx.load(str(onnx_path), load_external_data=False))
         if backend.is_rtx:
             _check_targets_vs_precision(targets, elem, precision)
@@ -330,6 +356,8 @@ def _build_into(tmp: Path, artifact_dir: Path, export, config, limits: ShapeLimi
             if r.trt_layers is not None and r.trt_layers != r.count:
                 stages.note(f"warning: {r.op}: {r.count} nodes but {r.trt_layers} matching layers")
         io = B.network_io(parsed.network)
+        given = network_weight_bytes(backend, parsed.network)
+        stages.note("network weights: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in given.items()))
         d["done"] = f"{len(parsed.layer_types)} layers, precision {precision}"
 
     with stages.stage("configure", "targets, profiles, timing cache") as d:
@@ -358,7 +386,8 @@ def _build_into(tmp: Path, artifact_dir: Path, export, config, limits: ShapeLimi
             detail = "; ".join(errors[-3:]) if errors else "no error message from TensorRT"
             raise BuildError(f"{backend.display_name} failed to build the engine: {detail}")
         saved_cache = B.save_timing_cache(backend, bconfig, options.timing_cache)
-        d["done"] = f"{nbytes / 1e6:.2f} MB"
+        weights = builder_weight_bytes(parsed.logger.messages)
+        d["done"] = f"{nbytes / 1e6:.2f} MB" + ("" if weights is None else f", weights {weights / 1e6:.2f} MB")
 
     with stages.stage("write", "manifest, tokenizer, log") as d:
         shutil.rmtree(work, ignore_errors=True)
@@ -385,6 +414,9 @@ def _build_into(tmp: Path, artifact_dir: Path, export, config, limits: ShapeLimi
             source={"path": str(artifact_dir.resolve()), "manifest": export.to_dict()},
             io=io,
             engine_bytes=int(nbytes),
+            weight_bytes=weights,
+            network_weight_bytes=given,
+            weight_path=None if halved is None else halved.to_dict(),
             build_seconds=round(time.perf_counter() - t_start, 3),
             stage_seconds=dict(stages.seconds),
             timing_cache={"path": str(options.timing_cache) if options.timing_cache else None,

@@ -156,11 +156,13 @@ def has_qdq(model) -> bool:
 
 
 def detect_precision(model) -> str:
-    """fp32 / fp16 from the activation type, int8 when Q/DQ nodes are present."""
+    """fp32 / fp16 from the activation type; int8 when Q/DQ nodes are present, int4 when
+    some of their weights are 4-bit."""
     from onnx import TensorProto
 
     if has_qdq(model):
-        return "int8"
+        four = (TensorProto.INT4, TensorProto.UINT4)
+        return "int4" if any(i.data_type in four for i in model.graph.initializer) else "int8"
     t = activation_elem_type(model)
     return {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}.get(t, "fp32")
 

@@ -24,7 +24,7 @@ class EngineManifest:
     backend: str                          # "tensorrt" | "tensorrt_rtx"
     backend_version: str
     targets: tuple[str, ...]              # compute capabilities ("89", "120"); () = backend default
-    precision: str                        # "fp32" | "fp16" | "int8" (from the ONNX)
+    precision: str                        # "fp32" | "fp16" | "int8" | "int4" (from the ONNX)
     limits: dict[str, int]                # max_batch, max_seq, max_context
     profiles: tuple[ProfileSpec, ...]
     op_routing: tuple[OpRoute, ...]
@@ -33,6 +33,9 @@ class EngineManifest:
     io: dict[str, Any] = field(default_factory=dict)          # network inputs / outputs
     engine_file: str = ENGINE_NAME
     engine_bytes: int = 0
+    weight_bytes: int | None = None       # weights stored in the plan (the builder's "Total Weights Memory")
+    network_weight_bytes: dict[str, int] = field(default_factory=dict)  # parsed constants per type
+    weight_path: dict[str, Any] | None = None  # the build-time fp16 weight pass (HalfWeights), if applied
     build_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     timing_cache: dict[str, Any] = field(default_factory=dict)  # {"path", "used", "note"}

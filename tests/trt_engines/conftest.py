@@ -80,3 +80,33 @@ def engines(tmp_path_factory, exports, trt_backend, rtx_targets):
         return built[dtype]
 
     return get
+
+
+TINY_TIED = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
+                 num_kv_heads=2, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tied_exports(tmp_path_factory):
+    """scheme -> export folder of a seeded model with a tied embedding and matrices big enough for
+    the fp16 weight path: "fp32", "fp16", or a --quantize scheme (fp32 activations, no certificate)."""
+    from llama_trt.checkpoint import create_tiny_checkpoint
+    from llama_trt.exporter import export
+
+    root = tmp_path_factory.mktemp("halfweights")
+    ckpt = create_tiny_checkpoint(root / "ckpt", seed=3, **TINY_TIED)
+    made = {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            out = root / scheme
+            kw = {} if scheme == "fp32" else {"quantize": scheme, "certify": False}
+            if scheme == "fp16":
+                export(ckpt, out, dtype="fp16", ort_check=False)
+            else:
+                export(ckpt, out, dtype="fp32", ort_check=False, **kw)
+            made[scheme] = out
+        return made[scheme]
+
+    get.checkpoint = ckpt
+    return get

@@ -46,6 +46,9 @@ def test_cli_build_writes_engine_and_manifest(exports, trt_backend, rtx_targets,
     assert m.backend == trt_backend.name and m.backend_version == trt_backend.version
     assert m.precision == dtype
     assert m.engine_bytes == plan.stat().st_size
+    assert 0 < m.weight_bytes < m.engine_bytes and m.network_weight_bytes[dtype] > 0
+    weights_line = next(ln for ln in r.output.splitlines() if ln.startswith("weights: "))
+    assert f"{m.weight_bytes / 1e6:.1f} MB in the engine" in weights_line
     assert [p.name for p in m.profiles] == ["prefill", "decode"]
     assert (m.profiles[0].min, m.profiles[0].max) == ((1, 1, 0), (2, 16, 0))
     assert (m.profiles[1].min, m.profiles[1].max) == ((1, 1, 0), (2, 1, 63))
