@@ -61,7 +61,7 @@ class ExportManifest:
     source_format: str                      # "hf" | "meta" | "llama2c"
     source_sha256: str                      # fingerprint of the checkpoint files
     config: dict[str, Any]                  # LlamaConfig.to_dict()
-    dtype: str                              # "fp32" | "fp16"
+    dtype: str                              # "fp32" | "fp16" | "int8" | "int4" (quantized: see quantization)
     opset: int
     plugin_ops: tuple[PluginOpUse, ...]
     inputs: tuple[TensorSpec, ...]
@@ -74,7 +74,7 @@ class ExportManifest:
     created: str = ""
     kind: str = KIND
     format_version: int = FORMAT_VERSION
-    quantization: dict[str, Any] | None = None  # int8 exports (exporter/quantize.py): scheme, calibration, layers
+    quantization: dict[str, Any] | None = None  # quantized exports (llama_trt/quantize): scheme, group, weight bytes, layers
     extra: dict[str, Any] = field(default_factory=dict)
     # written by `llama-trt validate` (validate/certificate.py: AccuracyCertificate.from_dict reads it)
     certificate: dict[str, Any] | None = None

@@ -144,7 +144,6 @@ def quantize_int8_sq(model, sites, info, options, *, base_dir, base, tokenizer_f
     """SmoothQuant W8A8 with damage-ranked W8A16 fallback; refuses (ExportError) above target."""
     import onnx
 
-    from ..exporter.manifest import MODEL_NAME
     from ..validate.tolerances import SCHEME_GATES
     from .report import eval_tokens, ort_kl, ort_logits
     from .smoothquant import layer_damage, most_damaged, ort_quantize_w8a8, refusal, smooth, smoothing_groups

@@ -204,7 +204,7 @@ def test_print_accuracy_report(report, capsys):
 
 # ---------------------------------------------------------------------------------------
 # validate (the validate stage's metrics and tolerances)
-INT8_STORIES_TOLS = {"kl": 0.1, "kl_p99": 0.5, "top1": 0.75, "cosine": 0.98}
+INT8_STORIES_TOLS = {"kl": 0.1, "kl_p99": 0.5, "top1": 0.75, "cosine": 0.98, "ppl_ratio": 1.1}  # 260K params: ppl x1.037
 
 
 def test_validate_int8_weight_passes_and_broken_scale_fails(w8, stories260k, q_root):

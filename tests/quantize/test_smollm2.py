@@ -2,8 +2,9 @@
 
 One fp32 export; each scheme is quantized from it and certified by validate's teacher-forced
 certificate (the fp32 torch model over the built-in corpus of real English, ~2,700 tokens,
-the export run by ONNX Runtime as ``run`` runs it). Thresholds: the issue's targets for
-int8-weight; for int4, AWQ must beat plain rounding and the file must shrink.
+the export run by ONNX Runtime as ``run`` runs it). Thresholds: KL < 0.01 / top-1 > 95% for
+int8-weight; for int4, AWQ must beat plain rounding (KL <= 0.7x, the issue's target) and the
+file must be < 0.4x an fp16 file.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def test_int4_awq_beats_rtn_and_shrinks_the_file(certified, smol):
     _, ckpt = smol
     _, rtn = certified("int4-rtn")
     folder, awq = certified("int4-awq")
-    assert awq.certificate["kl"] < rtn.certificate["kl"], (awq.certificate, rtn.certificate)
+    # measured: awq g64 KL 0.275 / top-1 71.4%, rtn g64 KL 0.61 / 57.6% (issue: awq <= 0.7x rtn)
+    assert awq.certificate["kl"] < 0.7 * rtn.certificate["kl"], (awq.certificate, rtn.certificate)
     assert awq.certificate["top1"] > rtn.certificate["top1"]
+    assert awq.certificate["passed"] and not rtn.certificate["passed"]  # the int4 gate tells them apart
     size = sum(f.stat().st_size for f in folder.iterdir() if "onnx" in f.name)
     assert size < 0.4 * _fp16_bytes(ckpt), (size, _fp16_bytes(ckpt))
     q = awq.quantization
