@@ -255,7 +255,10 @@ def _last_shape_entry(G: "_Graph", shape_name: str, rank: int):
 
 def _pack_matmuls(model) -> str:
     """MatMuls reading the same activation with constant 2D weights (q/k/v; gate/up) -> one MatMul
-    over the weights concatenated along N, then Split: one weight pass per group."""
+    over the weights concatenated along N, then Split: one weight pass per group. Weights held in
+    the graph are concatenated here; weights left in the export's file (external data) get a
+    ``Concat`` node instead, which ONNX Runtime folds into one constant at session open, so no
+    second copy of them is written anywhere."""
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import uses_external_data
 
@@ -264,25 +267,27 @@ def _pack_matmuls(model) -> str:
     groups: dict[str, list] = {}
     for n in g.node:
         w = inits.get(n.input[1]) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") else None
-        # weights in an external data file are left alone: packing would pull them into the proto
-        if w is not None and len(w.dims) == 2 and not uses_external_data(w):
+        if w is not None and len(w.dims) == 2:
             groups.setdefault(n.input[0], []).append(n)
     before = sum(len(v) for v in groups.values())
     replace: dict[int, list] = {}
     drop: set[int] = set()
     for x, mms in groups.items():
-        if len(mms) < 2:
-            continue
-        ws = [numpy_helper.to_array(inits[m.input[1]]) for m in mms]
-        if len({w.shape[0] for w in ws}) != 1 or len({w.dtype for w in ws}) != 1:
+        ws = [inits[m.input[1]] for m in mms]
+        if len(mms) < 2 or len({w.dims[0] for w in ws}) != 1 or len({w.data_type for w in ws}) != 1:
             continue
         k = len(replace)
         wname, yname = f"llama_trt.packed_weight.{k}", f"llama_trt.packed_matmul.{k}"
-        g.initializer.append(numpy_helper.from_array(np.concatenate(ws, axis=1), wname))
         sizes = f"{yname}.split"
-        g.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in ws], dtype=np.int64), sizes))
+        g.initializer.append(numpy_helper.from_array(np.array([w.dims[1] for w in ws], dtype=np.int64), sizes))
+        nodes = []
+        if any(uses_external_data(w) for w in ws):
+            nodes.append(helper.make_node("Concat", [w.name for w in ws], [wname], name=wname, axis=1))
+        else:
+            arrays = [numpy_helper.to_array(w) for w in ws]
+            g.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), wname))
         # placed where the first of the group was: every MatMul of the group reads only x
-        replace[id(mms[0])] = [
+        replace[id(mms[0])] = nodes + [
             helper.make_node("MatMul", [x, wname], [yname], name=yname),
             helper.make_node("Split", [yname, sizes], [m.output[0] for m in mms], name=yname + ".split", axis=-1),
         ]
