@@ -23,8 +23,9 @@ packed into one MatMul + Split. On the 124.7M benchmark model ORT executes 176 n
 decode step instead of 984 (49 MatMuls instead of 97 + 12 FusedMatMul); timings in
 benchmarks/RESULTS.md.
 
-A block that does not match the expected pattern is left as it is. Nothing is written to
-the export folder: the session loads the rewritten model from bytes.
+A block that does not match the expected pattern is left as it is. The pass runs on the
+graph without its weights (:mod:`.onnx_skeleton`); :mod:`.ort_cache` keeps the result per
+export, outside the export folder, and ONNX Runtime reads the weights from the export's file.
 """
 
 from __future__ import annotations
