@@ -39,6 +39,10 @@ setup(
         "kernels": ["triton"],
         # The real-model path: GGUF checkpoints and the transformers reference conversion.
         "real": ["gguf>=0.10", "transformers>=4.45", "accelerate>=0.30"],
+        # A real Triton Inference Server (the tritonserver binary + python backend shipped in the
+        # nvidia-pytriton wheel) for `llama-trt triton-serve`; the wheel pins numpy<2, which its
+        # python backend stub needs (it corrupts tensors under numpy 2).
+        "triton": ["nvidia-pytriton>=0.7,<0.8", "numpy<2", "tritonclient[grpc,http]>=2.40"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "sse-starlette>=2"],
         "dev": [
             "pytest>=8",
@@ -53,7 +57,10 @@ setup(
             "uvicorn>=0.29",
             "prometheus-client>=0.20",
             "sse-starlette>=2",
-            "tritonclient[grpc]>=2.40",  # Triton's model_config protobuf, to check `package` output
+            "tritonclient[grpc,http]>=2.40",  # Triton's model_config protobuf and gRPC streaming client
+            "nvidia-pytriton>=0.7,<0.8",  # the real tritonserver the slow Triton tests start (brings numpy<2)
+            "numpy<2",
+            "kubernetes-validate>=1.28",  # schema check of deploy/k8s/*.yaml
         ],
     },
     entry_points={"console_scripts": ["llama-trt=llama_trt.cli:main"]},

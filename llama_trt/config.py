@@ -21,6 +21,7 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    INT4 = "int4"          # int4 weights (weight-only; activations stay float)
 
     @classmethod
     def parse(cls, value: "str | Precision") -> "Precision":
@@ -221,7 +222,7 @@ class LlamaConfig:
 
 
 def bytes_per_param(precision: Precision) -> float:
-    return {Precision.FP32: 4.0, Precision.FP16: 2.0, Precision.INT8: 1.0}[precision]
+    return {Precision.FP32: 4.0, Precision.FP16: 2.0, Precision.INT8: 1.0, Precision.INT4: 0.5}[precision]
 
 
 __all__ = ["LlamaConfig", "RopeScaling", "Precision", "bytes_per_param"]

@@ -29,6 +29,7 @@ STEPS = [
      "llama-trt export tiny -o onnx-fp32"),
     ("export (fp16)", None, "llama-trt export tiny -o onnx-fp16 --dtype fp16"),
     ("export (int8)", None, "llama-trt export {stories} -o stories-int8 --quantize int8-weight"),
+    ("export (int4)", None, "llama-trt export {stories} -o stories-int4 --quantize int4-awq --group-size 32"),
     ("validate", "Polygraphy comparison against the checkpoint's fp32 torch model; exit code = verdict.",
      "llama-trt validate onnx-fp16 -c tiny --report fp16.json --plot fp16.png --steps 16"),
     ("validate (layer-wise)", None, "llama-trt validate onnx-fp32 -c tiny --layerwise --steps 8"),

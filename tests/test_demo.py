@@ -29,6 +29,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert sizes == sorted(sizes) and sizes[0] < sizes[1] < sizes[2], sizes
     # text in, text out through the demo's own tokenizer
     assert summary["prompt"] == "Once upon a time" and len(summary["generated_text"]) > 0
+    # the seeded model's text is meaningless, and the demo says so
+    assert summary["model"].startswith("seeded random") and any("meaningless" in n for n in summary["notes"])
+    assert "meaningless" in r.output
     from llama_trt.trt_engines.backend import available_backends
 
     engines = [name for name in rows if name.startswith("engine-")]
@@ -47,3 +50,22 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--size", "tiny", "--force"])
     assert r.exit_code == 2 and "is not a llama-trt output" in r.output
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.slow
+def test_real_model_demo_answers_in_english(tmp_path, smollm2_hf):
+    """The default demo path on SmolLM2-135M-Instruct (engines skipped to keep the suite short;
+    the README's command builds them): fp16 and quantized exports pass the accuracy certificate,
+    and the chat answer through our ONNX Runtime export names Paris, as transformers' does."""
+    from llama_trt.demo import run_demo
+
+    out = tmp_path / "demo"
+    summary = run_demo(out, size="smollm2", engines=False, questions=("What is the capital of France?",))
+    assert summary.passed, summary.rows
+    rows = {r.artifact: r for r in summary.rows}
+    assert set(rows) == {"onnx-fp16", "onnx-int8-weight"}
+    assert rows["onnx-int8-weight"].size_bytes < 0.75 * rows["onnx-fp16"].size_bytes
+    (answer,) = summary.chat
+    assert "Paris" in answer.transformers  # the reference itself knows it
+    assert "Paris" in answer.ours, answer
+    assert (out / "summary.json").is_file()

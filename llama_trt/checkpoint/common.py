@@ -19,7 +19,10 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "generation_config.json",
+    "added_tokens.json",
+    "chat_template.jinja",    # current save_pretrained writes the template here
+    "chat_template.json",     # older processors' template file
+    "generation_config.json",  # eos_token_id lists
 )
 
 

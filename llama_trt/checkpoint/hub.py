@@ -6,6 +6,7 @@ honours ``HF_HOME`` / ``HF_HUB_CACHE``); when it is not cached, the error says h
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -31,12 +32,21 @@ def resolve_checkpoint(path) -> Path:
         raise CheckpointError(f"checkpoint not found: {repo_id} is not a local path, and reading the "
                               'Hugging Face cache needs huggingface_hub (pip install -e ".[real]")') from None
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache_dir()))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"checkpoint not found: {repo_id} is not a local path nor in the local Hugging Face cache; "
             f"download it first with `hf download {repo_id}` (or `huggingface-cli download {repo_id}`)") from None
     return _pick_in_snapshot(folder, repo_id)
+
+
+def hub_cache_dir() -> str | None:
+    """The Hugging Face cache as the environment says *now* (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None  # huggingface_hub's default (~/.cache/huggingface/hub)
 
 
 def _pick_in_snapshot(folder: Path, repo_id: str) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli_support import EXPORT_DTYPES, QUANTIZE_SCHEMES, FiniteFloat, friendly_errors
+from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, QUANTIZE_SCHEMES, FiniteFloat, friendly_errors
 
 
 
@@ -20,35 +20,46 @@ from ..cli_support import EXPORT_DTYPES, QUANTIZE_SCHEMES, FiniteFloat, friendly
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is an earlier llama-trt output.")
 @click.option("--no-ort-check", is_flag=True, help="Skip the ONNX Runtime prefill/decode run after export.")
 @click.option("--quantize", "quantize", default=None, type=click.Choice(QUANTIZE_SCHEMES),
-              help="INT8 with explicit Q/DQ: int8-weight (W8A16, per-channel int8 weights) or "
-                   "int8-sq (W8A8 SmoothQuant, calibrated). See exporter/quantize.py.")
+              help="Explicit Q/DQ: int8-weight (W8A16, per-channel int8), int8-sq (W8A8 SmoothQuant; refused "
+                   "when it misses its KL target), int4-awq (W4A16, AWQ on calibration text), int4-rtn "
+                   "(W4A16 round-to-nearest). See llama_trt/quantize.")
+@click.option("--group-size", type=click.Choice(GROUP_SIZES), default=None,
+              help="int4 block size along the input dimension (default 64); a matrix it does not divide stays int8.")
+@click.option("--int4-zero-point", is_flag=True, default=False,
+              help="int4 with uint4 zero points (asymmetric). ONNX Runtime only: TensorRT rejects INT4 zero points.")
 @click.option("--quantize-embeddings/--no-quantize-embeddings", default=None,
               help="Quantize the token embedding table (default: no).")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=None,
-              help="Quantize the lm head (default: yes for int8-weight, no for int8-sq).")
+              help="Quantize the lm head (default: no; a tied head then shares its stored copy with the embedding).")
 @click.option("--quantize-exclude", "quantize_exclude", multiple=True, metavar="PATTERN",
               help="Keep linear layers matching this glob in float (e.g. 'model.layers.0.*'). Repeatable.")
 @click.option("--sq-alpha", type=FiniteFloat(0.0, 1.0), default=None, help="SmoothQuant migration strength in [0, 1] (default 0.5).")
+@click.option("--sq-target-kl", type=FiniteFloat(0.0, 10.0, min_open=True), default=None,
+              help="int8-sq: highest KL vs fp32 accepted before refusing (default: the int8-sq gate, 0.02).")
+@click.option("--no-certify", is_flag=True, help="Skip the accuracy certificate after a quantized export.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
-              help="Calibration data for int8-sq: text (needs the checkpoint's tokenizer) or token ids "
+              help="Calibration data for int8-sq / int4-awq: text (needs the checkpoint's tokenizer) or token ids "
                    "(.npy, or .txt of comma/space separated ints). Default: the model's own sampled text.")
 @click.option("--calib-samples", type=click.IntRange(1), default=None, help="Calibration sequences (default 16, 64 tokens each).")
 @friendly_errors
 def export_cmd(checkpoint: Path, out_dir: Path, dtype: str, opset: int, force: bool, no_ort_check: bool,
-               quantize, quantize_embeddings, quantize_lm_head, quantize_exclude, sq_alpha, calib_data,
-               calib_samples) -> None:
+               quantize, group_size, int4_zero_point, quantize_embeddings, quantize_lm_head, quantize_exclude,
+               sq_alpha, sq_target_kl, no_certify, calib_data, calib_samples) -> None:
     """Export CHECKPOINT to ONNX with llama_trt RMSNorm / RotaryEmbedding plugin nodes."""
     from . import export
 
     qkw = {}
     if quantize is not None:
         qkw = dict(quantize=quantize, quantize_embeddings=quantize_embeddings, quantize_lm_head=quantize_lm_head,
-                   exclude=quantize_exclude, sq_alpha=sq_alpha, calib_data=calib_data, calib_samples=calib_samples)
+                   exclude=quantize_exclude, sq_alpha=sq_alpha, calib_data=calib_data, calib_samples=calib_samples,
+                   group_size=None if group_size is None else int(group_size), int4_zero_point=int4_zero_point,
+                   sq_target_kl=sq_target_kl, certify=not no_certify)
     elif any(v not in (None, ()) for v in (quantize_embeddings, quantize_lm_head, sq_alpha, calib_data,
-                                            calib_samples)) or quantize_exclude:
+                                            calib_samples, group_size, sq_target_kl)) or quantize_exclude \
+            or int4_zero_point or no_certify:
         from ..errors import ExportError
 
-        raise ExportError("quantization options need --quantize int8-weight or --quantize int8-sq")
+        raise ExportError("quantization options need --quantize (int8-weight, int8-sq, int4-awq or int4-rtn)")
     m = export(checkpoint, out_dir, dtype=dtype, opset=opset, force=force, progress=True,
                ort_check=not no_ort_check, **qkw)
     ops = ", ".join(f"{p.domain}.{p.op_type} x{p.count}" for p in m.plugin_ops)
@@ -56,6 +67,28 @@ def export_cmd(checkpoint: Path, out_dir: Path, dtype: str, opset: int, force: b
     click.echo(f"wrote {out_dir / m.model_file}{extra} ({m.model_bytes / 2**20:.1f} MiB, {m.dtype}, opset {m.opset}; {ops})")
     q = getattr(m, "quantization", None)
     if q:
-        click.echo(f"quantized ({q['scheme']}): {len(q['quantized'])} tensors int8, {len(q['excluded'])} excluded"
-                   + (f"; calibration {q['calibration']['samples']} x {q['calibration']['seq_len']} tokens"
-                      if q.get("calibration") else ""))
+        _print_quantization(q, m.certificate)
+
+
+def _print_quantization(q: dict, certificate: dict | None) -> None:
+    from ..validate.certificate import certificate_from_manifest
+
+    group = f" g{q['group_size']}" if q.get("group_size") else ""
+    sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in q.get("weight_bytes", {}).items() if v >= 2**16)
+    click.echo(f"quantized ({q['scheme']}{group}): {len(q['quantized'])} layers, {len(q['excluded'])} kept float; "
+               f"weights {sizes}" + (f"; calibration {q['calibration']['samples']} x {q['calibration']['seq_len']} "
+                                     f"tokens" if q.get("calibration") else ""))
+    if q.get("int8_fallback"):
+        click.echo(f"  {len(q['int8_fallback'])} layers int8 (group does not divide K): "
+                   + ", ".join(e["name"] for e in q["int8_fallback"][:4]) + (" ..." if len(q["int8_fallback"]) > 4 else ""))
+    if q.get("w8a16_fallback"):
+        click.echo(f"  kept W8A16 by measured damage ({len(q['w8a16_fallback'])}): "
+                   + ", ".join(q["w8a16_fallback"]))
+    if q.get("spec", {}).get("tensorrt_note"):
+        click.echo(f"  note: not buildable by TensorRT: {q['spec']['tensorrt_note']}")
+    cert = certificate_from_manifest({"certificate": certificate})
+    if cert is not None:
+        click.echo(f"certificate: {cert.summary()}")
+        if not cert.passed:
+            click.echo(f"warning: the {q['scheme']} export misses its accuracy gate: " + "; ".join(cert.failures),
+                       err=True)

@@ -361,10 +361,11 @@ def export(
     max_opset = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
         raise ExportError(f"unsupported opset {opset!r}: choose {MIN_OPSET}..{max_opset} (default 23)")
-    checkpoint = Path(checkpoint)
-    out_dir = Path(out_dir).absolute()
-
     from ..checkpoint import detect_format
+    from ..checkpoint.hub import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a Hugging Face id -> its cached snapshot
+    out_dir = Path(out_dir).absolute()
 
     detect_format(checkpoint)  # fail fast on a missing / unrecognised checkpoint
     tmp = _prepare_out_dir(out_dir, force, inputs=(checkpoint,))

@@ -7,6 +7,8 @@ the TensorRT plugin (namespace = domain, name = op_type) all derive from it.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 DOMAIN = "llama_trt"
@@ -28,3 +30,9 @@ class FusedOpSpec:
     def plugin_id(self) -> str:
         """``namespace::name`` as used by ``tensorrt.plugin.register``."""
         return f"{self.domain}::{self.op_type}"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_usable() -> bool:
+    """Whether the Triton kernels can run (triton is installed); checked once per process."""
+    return importlib.util.find_spec("triton") is not None

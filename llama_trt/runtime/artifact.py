@@ -2,7 +2,8 @@
 
 * export dir: ``manifest.json`` (kind "llama_trt.onnx_export") + ``model.onnx`` (``model_file``)
 * engine dir: ``manifest.json`` with ``"kind": "engine"`` and/or a ``*.plan`` file
-* checkpoint: a Hugging Face folder, a Meta folder or a llama2.c ``.bin`` (torch backend)
+* checkpoint: a Hugging Face folder (or ``org/name`` in the local Hugging Face cache), a Meta
+  folder or a llama2.c ``.bin`` (torch backend)
 
 Reads manifests with ``json`` only (no torch, no exporter import), so edge boxes
 without torch can run an export.
@@ -105,11 +106,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
+def _looks_like_repo_id(path: Path) -> bool:
+    parts = path.parts
+    return len(parts) == 2 and not path.is_absolute() and all(p not in (".", "..") for p in parts)
+
+
 def resolve_artifact(path) -> Artifact:
     """Classify ``path``; raises :class:`ArtifactError` with what was expected."""
     path = Path(path)
     expected = ("an export folder (model.onnx + manifest.json), an engine folder (*.plan + manifest.json) "
-                "or a checkpoint (Hugging Face folder, Meta folder, llama2.c .bin)")
+                "or a checkpoint (Hugging Face folder or id in the local Hugging Face cache, Meta folder, "
+                "llama2.c .bin)")
+    if not path.exists() and _looks_like_repo_id(path):
+        from ..checkpoint.hub import resolve_checkpoint  # the torch backend will need torch anyway
+
+        path = resolve_checkpoint(path)
     if not path.exists():
         raise ArtifactError(f"artifact not found: {path} (expected {expected})")
     if path.is_dir() and (path / "manifest.json").is_file():

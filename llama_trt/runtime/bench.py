@@ -70,6 +70,10 @@ def peak_rss_mib() -> float:
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
 
+MIN_BANDWIDTH_GIB = 1 / 1024
+MAX_BENCH_BATCH = 4096  # a KV cache per sequence: far more only exhausts memory
+
+
 def last_level_cache_bytes() -> int:
     """Size of the largest CPU cache (Linux sysfs); 32 MiB when unknown."""
     sizes = []
@@ -145,6 +149,14 @@ def bench(session: Session, *, batch: int = 1, prompt_len: int = 64, new_tokens:
     """Warm up, then ``runs`` greedy generations of ``new_tokens`` from random prompts of ``prompt_len``."""
     if batch < 1 or prompt_len < 1 or new_tokens < 2 or runs < 1:
         raise GenerationError("bench needs batch >= 1, prompt-len >= 1, new-tokens >= 2 and runs >= 1")
+    if bandwidth_gib and bandwidth_gib < MIN_BANDWIDTH_GIB:  # a few bytes time nothing (and divided by zero)
+        raise GenerationError(f"--bandwidth-gib must be 0 (skip) or at least {MIN_BANDWIDTH_GIB:g} (1 MiB), "
+                              f"got {bandwidth_gib:g}")
+    if prompt_len + new_tokens > session.max_context:  # before any allocation sized by them
+        raise GenerationError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the context of "
+                              f"{session.max_context}; lower them")
+    if batch > MAX_BENCH_BATCH:
+        raise GenerationError(f"--batch must be <= {MAX_BENCH_BATCH}, got {batch}")
     rng = np.random.default_rng(seed)
     c = session.config
     prompts = rng.integers(3, c.vocab_size, size=(batch, prompt_len)).tolist()

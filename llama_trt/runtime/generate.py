@@ -90,7 +90,10 @@ def _as_ids(prompt, tokenizer: Tokenizer | None) -> list[int]:
             raise GenerationError("a text prompt needs a tokenizer; pass token ids (--prompt-ids) or a tokenizer")
         ids = tokenizer.encode(prompt)
     else:
-        ids = [int(i) for i in np.asarray(prompt, dtype=np.int64).reshape(-1)]
+        try:
+            ids = [int(i) for i in np.asarray(prompt, dtype=np.int64).reshape(-1)]
+        except OverflowError:  # an id past int64 cannot be in any vocabulary
+            raise GenerationError("a prompt token id is outside the vocabulary (and outside int64)") from None
     if not ids:
         raise GenerationError("the prompt is empty; give at least one token")
     return ids
@@ -128,8 +131,8 @@ class _Run:
         eos = cfg.eos_token_ids
         if eos is None:
             eos = tuple(session.config.eos_token_id)
-            if tokenizer is not None and tokenizer.eos_id is not None and tokenizer.eos_id not in eos:
-                eos = (*eos, tokenizer.eos_id)
+            if tokenizer is not None:  # the eos token and generation_config.json's eos list
+                eos = (*eos, *(i for i in tokenizer.eos_ids if i not in eos))
         self.stop_ids = set() if cfg.ignore_eos else set(eos)
         self.stop_ids |= set(cfg.stop_token_ids)
         b = len(self.prompts)

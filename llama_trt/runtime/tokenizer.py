@@ -1,10 +1,23 @@
-"""Tokenizers: Hugging Face ``tokenizer.json`` (``tokenizers``) and SentencePiece ``.model``.
+"""Tokenizers with transformers' semantics: ``tokenizer.json`` (``tokenizers``) and SentencePiece ``.model``.
 
-Chat templates come from ``tokenizer_config.json`` and are rendered with jinja2 the way
-transformers does (sandboxed, trim_blocks/lstrip_blocks, ``messages``,
-``add_generation_prompt``, ``bos_token``, ``eos_token``, ``raise_exception``).
-:class:`StreamDecoder` turns a growing id sequence into text chunks for streaming.
-No tokenizer at all is fine: the runtime then works on ids only.
+What a checkpoint's files say is what happens, as in transformers:
+
+- BOS/EOS on plain text: with a ``tokenizer.json``, its post-processor alone decides (none:
+  nothing is added); transformers 5 ignores ``add_bos_token`` / ``add_eos_token`` of
+  ``tokenizer_config.json`` then, and so do we. SmolLM2's tokenizer adds nothing; Llama 2/3's
+  add ``<s>`` / ``<|begin_of_text|>``. A bare SentencePiece ``.model`` (Meta, llama2.c) adds
+  BOS unless ``tokenizer_config.json`` says ``add_bos_token: false`` (and EOS if it says
+  ``add_eos_token: true``).
+- End of sequence: the ``eos_token`` plus every id of ``generation_config.json``'s
+  ``eos_token_id`` (an int or a list).
+- Chat template: ``chat_template.jinja`` (current ``save_pretrained``), else
+  ``tokenizer_config.json`` ``chat_template`` (a string, or a list of named templates: the one
+  named ``default``), else ``chat_template.json``; GGUF metadata arrives as
+  ``chat_template.jinja`` (see ``checkpoint/gguf.py``). Rendered in jinja2's immutable sandbox
+  with transformers' settings (:mod:`.chat_template`); the rendered text is tokenized without
+  adding special tokens, as ``apply_chat_template(..., tokenize=True)`` does.
+
+No tokenizer at all is fine: the runtime then works on ids only. Never imports torch nor click.
 """
 
 from __future__ import annotations
@@ -13,41 +26,113 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import LlamaTrtError
+from .chat_template import TokenizerError, render_chat_template
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-class TokenizerError(LlamaTrtError):
-    """A tokenizer file is missing, unreadable, or cannot do what was asked."""
+def _token_str(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
 
 
-def _token_str(v) -> str | None:
-    if isinstance(v, dict):
-        return v.get("content")
-    return v if isinstance(v, str) else None
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _pick_template(value, source: Path) -> str | None:
+    """A template string; for a list of named templates, the one named ``default`` (as transformers)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if "default" in named:
+            return named["default"]
+        if len(named) == 1:
+            return next(iter(named.values()))
+        raise TokenizerError(f"{source} has several chat templates ({', '.join(map(str, named))}) and none named "
+                             "'default'; pass one with --chat-template FILE")
+    raise TokenizerError(f"{source}: 'chat_template' must be a string or a list of named templates")
+
+
+def find_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """The folder's chat template, in transformers' order of precedence (None if it has none)."""
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if config.get("chat_template") is not None:
+        return _pick_template(config["chat_template"], folder / "tokenizer_config.json")
+    legacy = folder / LEGACY_CHAT_TEMPLATE_FILE
+    if legacy.is_file():
+        return _pick_template(_read_json(legacy).get("chat_template"), legacy)
+    return None
+
+
+def read_chat_template_file(path) -> str:
+    """A ``--chat-template FILE``: jinja text, or a JSON file holding ``chat_template``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"chat template not found: {path} (expected a .jinja file)")
+    if path.suffix == ".json":
+        template = _pick_template(_read_json(path).get("chat_template"), path)
+        if not template:
+            raise TokenizerError(f"{path} has no 'chat_template'")
+        return template
+    return path.read_text(encoding="utf-8")
+
+
+def _eos_ids_from(generation: dict[str, Any]) -> tuple[int, ...]:
+    value = generation.get("eos_token_id")
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(int(v) for v in value if isinstance(v, int))
+    return ()
 
 
 class Tokenizer:
     """Common surface: encode/decode, special ids, chat template."""
 
     kind = ""
-
-    def __init__(self, path: Path, config: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        self.tokenizer_config = config or {}
-        self.bos_token: str | None = _token_str(self.tokenizer_config.get("bos_token"))
-        self.eos_token: str | None = _token_str(self.tokenizer_config.get("eos_token"))
-        tmpl = self.tokenizer_config.get("chat_template")
-        if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
-            tmpl = named.get("default") or next(iter(named.values()), None)
-        self.chat_template: str | None = tmpl
-
-    # to be provided by subclasses
     vocab_size: int = 0
     bos_id: int | None = None
     eos_id: int | None = None
 
+    def __init__(self, path: Path, config: dict[str, Any] | None = None, *,
+                 generation: dict[str, Any] | None = None, chat_template: str | None = None) -> None:
+        self.path = Path(path)
+        self.tokenizer_config = config or {}
+        self.generation_config = generation or {}
+        self.special_tokens = {k: _token_str(self.tokenizer_config.get(k)) for k in _SPECIAL_KEYS}
+        self.chat_template = chat_template
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens["bos_token"]
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens["eos_token"]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a reply: the eos token and generation_config.json's eos_token_id list."""
+        ids = [self.eos_id] if self.eos_id is not None else []
+        ids += [i for i in _eos_ids_from(self.generation_config) if i not in ids]
+        return tuple(ids)
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Ids of ``text``; ``add_bos``: add the special tokens the checkpoint's files ask for
+        (transformers' ``add_special_tokens``)."""
         raise NotImplementedError
 
     def decode(self, ids, skip_special: bool = True) -> str:
@@ -57,101 +142,112 @@ class Tokenizer:
                             **kwargs) -> str:
         """Render ``messages`` with the tokenizer's chat template (as transformers does)."""
         if not self.chat_template:
-            raise TokenizerError(f"{self.path.parent} has no chat template (tokenizer_config.json "
-                                 "'chat_template'); pass a plain prompt instead")
+            raise TokenizerError(f"{self.path.parent} has no chat template (chat_template.jinja or "
+                                 "tokenizer_config.json 'chat_template'); pass --chat-template FILE or a plain prompt")
+        specials = {k: v for k, v in self.special_tokens.items() if v is not None}
         return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+                                    **{**specials, **kwargs})
 
-
-def render_chat_template(template: str, messages, *, add_generation_prompt: bool = True, **kwargs) -> str:
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TokenizerError(f"chat template error: {message}")
-
-    def strftime_now(fmt):
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                 ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **kwargs)
-    except TemplateError as e:
-        raise TokenizerError(f"chat template error: {e}") from None
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """``apply_chat_template(..., tokenize=True)``: the template writes its own special tokens."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_bos=False)
 
 
 class HFTokenizer(Tokenizer):
-    """``tokenizer.json`` through the ``tokenizers`` library."""
+    """``tokenizer.json`` through the ``tokenizers`` library; its post-processor adds BOS/EOS."""
 
     kind = "tokenizers"
 
-    def __init__(self, path: Path, config: dict[str, Any] | None = None) -> None:
-        super().__init__(path, config)
+    def __init__(self, path: Path, config: dict[str, Any] | None = None, **kwargs) -> None:
+        super().__init__(path, config, **kwargs)
         from tokenizers import Tokenizer as _Tok
 
         try:
             self._tok = _Tok.from_file(str(path))
         except Exception as e:  # noqa: BLE001
             raise TokenizerError(f"cannot read {path}: {e}") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._register_special_tokens()
         self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        if self.bos_id is None and not self.bos_token:
-            for cand in ("<s>", "<|begin_of_text|>", "<bos>"):
-                if self._tok.token_to_id(cand) is not None:
-                    self.bos_token, self.bos_id = cand, self._tok.token_to_id(cand)
-                    break
-        if self.eos_id is None and not self.eos_token:
-            for cand in ("</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>"):
-                if self._tok.token_to_id(cand) is not None:
-                    self.eos_token, self.eos_id = cand, self._tok.token_to_id(cand)
-                    break
-        # does the post-processor add BOS itself?
-        probe = self._tok.encode("a", add_special_tokens=True).ids
-        self._adds_bos = bool(probe) and self.bos_id is not None and probe[0] == self.bos_id
-        self._want_bos = bool(self.tokenizer_config.get("add_bos_token", self._adds_bos or self.bos_id is not None))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _register_special_tokens(self) -> None:
+        """Named special tokens missing from the added tokens become special added tokens
+        (transformers does the same), so they are never split when they appear in text."""
+        from tokenizers import AddedToken
+
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        missing = [t for t in self.special_tokens.values() if t and t not in added]
+        if missing:
+            self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_bos and self._adds_bos).ids
-        if add_bos and self._want_bos and self.bos_id is not None and not self._adds_bos:
-            ids = [self.bos_id, *ids]
-        return list(ids)
+        return list(self._tok.encode(text, add_special_tokens=add_bos).ids)
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """SentencePiece ``.model`` (Llama 1/2, llama2.c)."""
+    """SentencePiece ``.model`` (Llama 1/2, llama2.c). Control pieces written in the text
+    (``<s>``, ``</s>``) are tokens, as in transformers; a piece of text after one gets no
+    SentencePiece dummy-prefix space, nor does text that starts with a space (transformers'
+    Metaspace ``prepend_scheme="first"``)."""
 
     kind = "sentencepiece"
 
-    def __init__(self, path: Path, config: dict[str, Any] | None = None) -> None:
-        super().__init__(path, config)
+    def __init__(self, path: Path, config: dict[str, Any] | None = None, **kwargs) -> None:
+        super().__init__(path, config, **kwargs)
         import sentencepiece as spm
 
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
         except Exception as e:  # noqa: BLE001
             raise TokenizerError(f"cannot read SentencePiece model {path}: {e}") from None
-        self.vocab_size = self._sp.get_piece_size()
-        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
-        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
-        self.bos_token = self.bos_token or (self._sp.id_to_piece(self.bos_id) if self.bos_id is not None else None)
-        self.eos_token = self.eos_token or (self._sp.id_to_piece(self.eos_id) if self.eos_id is not None else None)
+        sp = self._sp
+        self.vocab_size = sp.get_piece_size()
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        for key, idx in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("unk_token", sp.unk_id())):
+            if self.special_tokens.get(key) is None and idx is not None and idx >= 0:
+                self.special_tokens[key] = sp.id_to_piece(idx)
+        self._specials = {sp.id_to_piece(i): i for i in range(self.vocab_size)
+                          if sp.is_control(i) or sp.is_unknown(i)}
+        self._specials = {k: v for k, v in self._specials.items() if k}
         self._want_bos = bool(self.tokenizer_config.get("add_bos_token", True))
+        self._want_eos = bool(self.tokenizer_config.get("add_eos_token", False))
+        self._sentinel = self._pick_sentinel()
+
+    def _pick_sentinel(self) -> tuple[str, int]:
+        """Text put before a piece to encode it without the dummy prefix, and how many ids it
+        makes: a newline when it is byte-fallback (no piece spans it, so nothing merges across
+        it), else transformers' ``unk_token`` trick."""
+        sp = self._sp
+        if sp.decode(sp.encode("\n")) == "\n" and not any("\n" in sp.id_to_piece(i) for i in range(self.vocab_size)):
+            return "\n", len(sp.encode("\n"))
+        unk = self.special_tokens.get("unk_token") or "<unk>"
+        return unk, len(sp.encode(unk))
+
+    def _encode_plain(self, text: str, at_start: bool) -> list[int]:
+        if not text:
+            return []
+        if at_start and not text.startswith(" "):
+            return list(self._sp.encode(text))
+        sentinel, n = self._sentinel
+        return list(self._sp.encode(sentinel + text))[n:]
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = list(self._sp.encode(text))
+        ids: list[int] = []
+        pos = 0
+        for start, token in _find_specials(text, self._specials):
+            ids += self._encode_plain(text[pos:start], at_start=pos == 0)
+            ids.append(self._specials[token])
+            pos = start + len(token)
+        ids += self._encode_plain(text[pos:], at_start=pos == 0)
         if add_bos and self._want_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
+        if add_bos and self._want_eos and self.eos_id is not None:
+            ids = [*ids, self.eos_id]
         return ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
@@ -161,28 +257,65 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(ids)
 
 
-def load_tokenizer(path) -> Tokenizer | None:
-    """A tokenizer from a file (tokenizer.json / *.model) or a folder holding one; None if the folder has none."""
+def _find_specials(text: str, specials: dict[str, int]):
+    """(position, token) of each special token in ``text``, left to right, longest first."""
+    if not specials:
+        return
+    import re
+
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+    for m in pattern.finditer(text):
+        yield m.start(), m.group(0)
+
+
+def load_tokenizer(path, *, chat_template: str | None = None) -> Tokenizer | None:
+    """A tokenizer from a file (tokenizer.json / *.model) or a folder holding one; None if the folder has none.
+
+    The files beside it (tokenizer_config.json, special_tokens_map.json, generation_config.json,
+    chat_template.jinja) decide BOS/EOS and the chat template; ``chat_template`` (text)
+    replaces the folder's template.
+    """
     if path is None:
         return None
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
-                return load_tokenizer(path / name)
+                return load_tokenizer(path / name, chat_template=chat_template)
         return None
     if not path.is_file():
-        raise TokenizerError(f"tokenizer not found: {path} (expected tokenizer.json or a SentencePiece .model)")
-    config: dict[str, Any] = {}
-    cfg_file = path.parent / "tokenizer_config.json"
-    if cfg_file.is_file():
-        try:
-            config = json.loads(cfg_file.read_text())
-        except ValueError as e:
-            raise TokenizerError(f"cannot read {cfg_file}: {e}") from None
+        raise TokenizerError(f"tokenizer not found: {path} (expected tokenizer.json, a SentencePiece .model "
+                             "or a folder holding one)")
+    folder = path.parent
+    config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+    kwargs = dict(generation=_read_json(folder / "generation_config.json"),
+                  chat_template=chat_template if chat_template is not None else find_chat_template(folder, config))
     if path.suffix == ".json":
-        return HFTokenizer(path, config)
-    return SentencePieceTokenizer(path, config)
+        return HFTokenizer(path, config, **kwargs)
+    return SentencePieceTokenizer(path, config, **kwargs)
+
+
+def open_tokenizer(default, tokenizer=None, chat_template_file=None) -> Tokenizer | None:
+    """The tokenizer a command uses: ``tokenizer`` (a folder or file, ``--tokenizer``) else the one at
+    ``default`` (next to the artifact); ``chat_template_file`` (``--chat-template``) replaces its template."""
+    template = read_chat_template_file(chat_template_file) if chat_template_file is not None else None
+    tok = load_tokenizer(tokenizer if tokenizer is not None else default, chat_template=template)
+    if tok is None and tokenizer is not None:
+        raise TokenizerError(f"{tokenizer} holds no tokenizer.json nor tokenizer.model")
+    if tok is None and template is not None:
+        raise TokenizerError("--chat-template needs a tokenizer: none is next to the artifact; pass --tokenizer DIR")
+    return tok
+
+
+def continuation_gap(tok: Tokenizer, prompt_ids, first_id: int) -> str:
+    """Text (a space, usually) the first generated token carries after the prompt but loses when
+    decoded alone (SentencePiece strips a leading space): what goes between an echoed prompt and
+    the continuation."""
+    context = [int(i) for i in list(prompt_ids)[-4:]]
+    before, joined, alone = tok.decode(context), tok.decode([*context, int(first_id)]), tok.decode([int(first_id)])
+    if joined.startswith(before) and joined.endswith(alone):
+        return joined[len(before):len(joined) - len(alone)]
+    return ""
 
 
 class StreamDecoder:
@@ -222,4 +355,5 @@ class StreamDecoder:
 
 
 __all__ = ["HFTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "TokenizerError",
-           "load_tokenizer", "render_chat_template"]
+           "continuation_gap", "find_chat_template", "load_tokenizer", "open_tokenizer", "read_chat_template_file",
+           "render_chat_template"]

@@ -250,8 +250,8 @@ class Engine:
         self.created = int(time.time())
         self.info = dict(describe or {})
         eos = set(self.config.eos_token_id)
-        if tokenizer is not None and tokenizer.eos_id is not None:
-            eos.add(int(tokenizer.eos_id))
+        if tokenizer is not None:  # the eos token and generation_config.json's eos list
+            eos.update(int(i) for i in tokenizer.eos_ids)
         self.eos_ids = eos
         self.stats = EngineStats()
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=self.max_queue)

@@ -30,9 +30,16 @@ class APIError(Exception):
         self.headers = headers
 
 
+def _utf8_safe(text):
+    """A message or param may quote the client's text, lone surrogates included: UTF-8 cannot carry
+    those, so they are shown as ``\\udXXX`` (else rendering the error body raises and the client gets a 500)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
+
+
 def json_error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
                headers=None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+    body = error_body(_utf8_safe(message), type_, _utf8_safe(param), code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:

@@ -13,17 +13,18 @@ from .settings import ServeSettings
 
 
 def build_engine(artifact, *, backend: str = "auto", max_batch: int = 8, max_queue: int = 64,
-                 model_name: str | None = None, tokenizer=None, **session_options) -> Engine:
-    """Open ``artifact`` (export / engine / checkpoint) with the runtime's ``open_session`` and its tokenizer."""
+                 model_name: str | None = None, tokenizer=None, tokenizer_path=None, chat_template_file=None,
+                 **session_options) -> Engine:
+    """Open ``artifact`` (export / engine / checkpoint) with the runtime's ``open_session`` and its tokenizer
+    (``tokenizer``; else the one at ``tokenizer_path`` or next to the artifact, with ``chat_template_file``)."""
     from ..runtime.artifact import resolve_artifact
     from ..runtime.sessions import open_session
-    from ..runtime.tokenizer import load_tokenizer
+    from ..runtime.tokenizer import open_tokenizer
 
     art = resolve_artifact(Path(artifact))
-    session = open_session(art, backend, **session_options)
     if tokenizer is None:
-        tok_path = art.tokenizer_path()
-        tokenizer = load_tokenizer(tok_path) if tok_path is not None else None
+        tokenizer = open_tokenizer(art.tokenizer_path(), tokenizer_path, chat_template_file)
+    session = open_session(art, backend, **session_options)
     name = model_name or (art.path.stem if art.path.is_file() else art.path.resolve().name)
     return Engine(session, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue,
                   describe=session.describe())
@@ -79,7 +80,7 @@ class DrainingServer:
 
 def serve(artifact, settings: ServeSettings | None = None, *, backend: str = "auto", max_batch: int = 8,
           max_queue: int = 64, model_name: str | None = None, log_level: str = "info", threads: int | None = None,
-          max_context: int | None = None) -> None:
+          max_context: int | None = None, tokenizer_path=None, chat_template_file=None) -> None:
     """Blocking: serve ``artifact`` until SIGTERM / Ctrl-C (drained, see :class:`DrainingServer`).
     ``max_context``: serve a context below the artifact's (the KV cache is sized to it)."""
     import logging
@@ -90,7 +91,8 @@ def serve(artifact, settings: ServeSettings | None = None, *, backend: str = "au
 
     settings = settings or ServeSettings()
     engine = build_engine(artifact, backend=backend, max_batch=max_batch, max_queue=max_queue,
-                          model_name=model_name, threads=threads,
+                          model_name=model_name, threads=threads, tokenizer_path=tokenizer_path,
+                          chat_template_file=chat_template_file,
                           **({"max_context": max_context} if max_context else {}))
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,

@@ -1,37 +1,42 @@
-"""``llama-trt package ENGINE_DIR --triton OUT``: a Triton Inference Server model repository.
+"""``llama-trt package ARTIFACT_DIR --triton OUT``: a Triton Inference Server model repository
+for an ONNX export or a TensorRT engine folder (docs/serving.md explains how to run it).
 
-Two models, decided as follows (docs/serving.md explains how to run them):
+``OUT/<name>_generate/``  backend ``python`` (decoupled), both kinds
+    ``1/model.py`` = :mod:`llama_trt.serve.triton_model`: our runtime's scheduler, sampling,
+    stop handling and tokenizer (:class:`llama_trt.serve.engine.Engine`, as ``llama-trt
+    serve``) over the artifact named by the ``artifact_dir`` parameter: an export is copied
+    into ``1/artifact`` (ONNX Runtime, KIND_CPU); an engine is ``../../<name>/1`` (TensorRT,
+    KIND_GPU). Reachable through Triton's generate extension and gRPC streaming. This is the
+    model to expose (``--model-control-mode=explicit --load-model=<name>_generate``).
 
-``OUT/<name>/``  platform ``tensorrt_plan``
+``OUT/<name>/``  platform ``tensorrt_plan``, engines only
     ``1/model.plan`` (copied) + ``config.pbtxt`` whose inputs/outputs, dims and dtypes come
     from the engine manifest's IO contract: ``max_batch_size: 0`` (the batch dimension is
     explicit, ``-1`` marks every dynamic dim), ``instance_group`` KIND_GPU over all of the
-    engine's optimization profiles. The KV cache is explicit graph IO
-    (``past_key_values.*`` in, ``present.*`` out): this model is stateless and the caller
-    carries the cache (one forward per call). ``1/`` also gets ``manifest.json`` and the
-    tokenizer files, which makes it a valid llama-trt engine folder.
-
-``OUT/<name>_generate/``  backend ``python`` (decoupled)
-    ``1/model.py`` = :mod:`llama_trt.serve.triton_model`: our runtime's scheduler, sampling,
-    stop handling and tokenizer over the engine in ``../<name>/1`` -- the generate
-    semantics of ``llama-trt serve`` (text in, streamed text out), reachable through
-    Triton's generate extension. This is the model to expose; load only it
-    (``--model-control-mode=explicit --load-model=<name>_generate``) unless you also want
-    the raw forward, or the engine is deserialized twice.
+    engine's optimization profiles. The KV cache is explicit graph IO (``past_key_values.*``
+    in, ``present.*`` out): this model is stateless and the caller carries the cache. ``1/``
+    also gets ``manifest.json`` and the tokenizer files (a valid llama-trt engine folder).
 
 Why not ``sequence_batching`` with implicit state for the KV cache: Triton's implicit
 state would keep ``present.*`` server-side per sequence id, but sampling, stop strings and
 the token loop would still run in every client; the python model keeps all of it in one
-place. The raw model's config carries this note as a comment.
+place. The models are staged in a hidden folder inside OUT and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LlamaTrtError
+
+EXPORT_KIND = "llama_trt.onnx_export"
+#: files beside the model that the tokenizer loader reads when present
+TOKENIZER_EXTRAS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+                    "generation_config.json", "special_tokens_map.json")
 
 
 class PackageError(LlamaTrtError):
@@ -111,28 +116,56 @@ instance_group [
 """
 
 
-def generate_config(name: str, plan_name: str, backend: str = "auto", max_batch: int = 8, max_queue: int = 64,
-                    default_max_tokens: int = 64) -> str:
-    def inp(n, t, dims="1", optional=True):
-        opt = "\n    optional: true" if optional else ""
-        return f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {dims} ]{opt}\n  }}'
+#: the generate model's inputs: (name, Triton type, dims); all optional, but one of
+#: text_input / input_ids must be given (llama_trt.serve.triton_request parses them)
+GENERATE_INPUTS = (
+    ("text_input", "TYPE_STRING", "1"), ("input_ids", "TYPE_INT64", "-1"), ("chat", "TYPE_BOOL", "1"),
+    ("max_tokens", "TYPE_INT32", "1"), ("temperature", "TYPE_FP32", "1"), ("top_p", "TYPE_FP32", "1"),
+    ("top_k", "TYPE_INT32", "1"), ("repetition_penalty", "TYPE_FP32", "1"), ("seed", "TYPE_UINT64", "1"),
+    ("stop", "TYPE_STRING", "-1"), ("stop_token_ids", "TYPE_INT64", "-1"), ("ignore_eos", "TYPE_BOOL", "1"),
+    ("stream", "TYPE_BOOL", "1"),
+)
+GENERATE_OUTPUTS = (
+    ("text_output", "TYPE_STRING", "1"), ("output_ids", "TYPE_INT64", "-1"), ("finish_reason", "TYPE_STRING", "1"),
+    ("prompt_tokens", "TYPE_INT32", "1"), ("completion_tokens", "TYPE_INT32", "1"),
+)
 
-    def out(n, t):
-        return f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n  }}'
 
-    inputs = [inp("text_input", "TYPE_STRING", optional=False), inp("max_tokens", "TYPE_INT32"),
-              inp("temperature", "TYPE_FP32"), inp("top_p", "TYPE_FP32"), inp("top_k", "TYPE_INT32"),
-              inp("repetition_penalty", "TYPE_FP32"), inp("seed", "TYPE_INT64"),
-              inp("stop", "TYPE_STRING", "-1"), inp("stream", "TYPE_BOOL")]
-    outputs = [out("text_output", "TYPE_STRING"), out("finish_reason", "TYPE_STRING"),
-               out("prompt_tokens", "TYPE_INT32"), out("completion_tokens", "TYPE_INT32")]
-    params = {"engine_dir": f"../../{plan_name}/1", "backend": backend, "max_batch": str(max_batch),
-              "max_queue": str(max_queue), "default_max_tokens": str(default_max_tokens)}
+@dataclass(frozen=True)
+class GenerateModelSettings:
+    """The python model's knobs (config.pbtxt ``parameters``). ``artifact_dir``: relative to the
+    model's version folder. ``kind``: KIND_GPU for engines, KIND_CPU for ONNX exports."""
+
+    artifact_dir: str
+    backend: str = "auto"
+    max_batch: int = 8
+    max_queue: int = 64
+    default_max_tokens: int = 64
+    request_timeout_s: float = 600.0
+    threads: int = 0  # ONNX Runtime intra-op threads (0: the runtime's default)
+    kind: str = "KIND_GPU"
+
+    def parameters(self) -> dict[str, str]:
+        return {"artifact_dir": self.artifact_dir, "backend": self.backend, "max_batch": str(self.max_batch),
+                "max_queue": str(self.max_queue), "default_max_tokens": str(self.default_max_tokens),
+                "request_timeout_s": str(self.request_timeout_s), "threads": str(self.threads)}
+
+
+def _io_block(items, optional: bool) -> str:
+    opt = "\n    optional: true" if optional else ""
+    return ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]{opt}\n  }}' for n, t, d in items)
+
+
+def generate_config(name: str, settings: GenerateModelSettings, source: str) -> str:
     sep = ",\n"
-    pblock = sep.join(f'  {{\n    key: "{k}"\n    value: {{ string_value: "{v}" }}\n  }}' for k, v in params.items())
-    return f"""# Generated by `llama-trt package`: llama-trt's generate semantics (continuous batching, sampling,
-# stop strings, max_tokens, usage counts) over the engine in ../{plan_name}/1, as `llama-trt serve` runs them.
-# Decoupled: one response per text delta, the last one flagged final with finish_reason and token counts.
+    pblock = sep.join(f'  {{\n    key: "{k}"\n    value: {{ string_value: "{v}" }}\n  }}'
+                      for k, v in settings.parameters().items())
+    return f"""# Generated by `llama-trt package` from {source}: llama-trt's generate semantics (continuous
+# batching, sampling, stop strings, max_tokens, usage counts) over the artifact in 1/{settings.artifact_dir},
+# as `llama-trt serve` runs them. Give text_input (a prompt; chat: true renders it as one user message
+# with the tokenizer's chat template) or input_ids (token ids, used as given).
+# Decoupled: with stream true one response per text delta, the last one carrying finish_reason and token
+# counts; with stream false (the default) one response with the whole text.
 name: "{name}"
 backend: "python"
 max_batch_size: 0
@@ -140,15 +173,15 @@ model_transaction_policy {{
   decoupled: true
 }}
 input [
-{sep.join(inputs)}
+{_io_block(GENERATE_INPUTS, True)}
 ]
 output [
-{sep.join(outputs)}
+{_io_block(GENERATE_OUTPUTS, False)}
 ]
 instance_group [
   {{
     count: 1
-    kind: KIND_GPU
+    kind: {settings.kind}
   }}
 ]
 parameters [
@@ -157,22 +190,26 @@ parameters [
 """
 
 
-def package_triton(engine_dir, out_dir, *, model_name: str | None = None, force: bool = False,
-                   backend: str = "auto", max_batch: int = 8, max_queue: int = 64, instances: int = 1) -> Path:
-    """Write a Triton model repository for ``engine_dir`` into ``out_dir``; returns ``out_dir``."""
-    engine_dir, out_dir = Path(engine_dir), Path(out_dir)
-    mpath = engine_dir / "manifest.json"
+def _read_source(folder: Path) -> tuple[str, dict]:
+    """("engine" | "export", manifest) of the folder to package."""
+    mpath = folder / "manifest.json"
     if not mpath.is_file():
-        raise PackageError(f"{engine_dir} is not an engine folder (no manifest.json); build one with "
-                           "`llama-trt build EXPORT_DIR -o ENGINE_DIR`")
+        raise PackageError(f"{folder} is neither an engine nor an ONNX export folder (no manifest.json); make one "
+                           "with `llama-trt export` (then optionally `llama-trt build`)")
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
-        raise PackageError(f"cannot read {mpath}: {e}; rebuild the engine") from None
-    if not isinstance(manifest, dict) or str(manifest.get("kind", "")).lower() != "engine":
-        kind = manifest.get("kind") if isinstance(manifest, dict) else None
-        raise PackageError(f"{mpath}: kind {kind!r} is not an engine (expected \"engine\"); Triton's tensorrt_plan "
-                           "needs a TensorRT engine: run `llama-trt build` on the export first")
+        raise PackageError(f"cannot read {mpath}: {e}; re-create the artifact") from None
+    kind = str(manifest.get("kind", "")).lower() if isinstance(manifest, dict) else ""
+    if kind == "engine":
+        return "engine", manifest
+    if kind == EXPORT_KIND:
+        return "export", manifest
+    raise PackageError(f"{mpath}: kind {kind or None!r} is neither an engine (\"engine\") nor an ONNX export "
+                       f"(\"{EXPORT_KIND}\"); package the output of `llama-trt export` or `llama-trt build`")
+
+
+def _write_engine_models(stage: Path, engine_dir: Path, manifest: dict, name: str, instances: int) -> None:
     from ..outputs import check_file_names
 
     for key in ("engine_file", "tokenizer_files"):  # names only: nothing is copied from outside the folder
@@ -183,34 +220,88 @@ def package_triton(engine_dir, out_dir, *, model_name: str | None = None, force:
         if not plans:
             raise PackageError(f"{engine_dir}: no engine file ({plan.name}); rebuild the engine")
         plan = plans[0]
-    name = model_name or engine_dir.resolve().name
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise PackageError(f"model name {name!r} must be letters, digits, '-', '_' or '.'; pass --model-name")
-    gen_name = f"{name}_generate"
     plan_cfg = plan_config(name, manifest, engine_dir, instances)  # validates the IO before writing
-    gen_cfg = generate_config(gen_name, name, backend, max_batch, max_queue)
-    for d in (out_dir / name, out_dir / gen_name):
-        if d.exists():
-            if not force:
-                raise PackageError(f"{d} exists; pass --force to replace it or choose another OUT_DIR")
-            shutil.rmtree(d)
-    v1 = out_dir / name / "1"
+    v1 = stage / name / "1"
     v1.mkdir(parents=True)
-    (out_dir / name / "config.pbtxt").write_text(plan_cfg)
+    (stage / name / "config.pbtxt").write_text(plan_cfg)
     shutil.copy2(plan, v1 / "model.plan")
-    m = dict(manifest, engine_file="model.plan")
-    (v1 / "manifest.json").write_text(json.dumps(m, indent=2))
-    for f in manifest.get("tokenizer_files") or []:
-        if (engine_dir / f).is_file():
-            shutil.copy2(engine_dir / f, v1 / f)
-    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+    (v1 / "manifest.json").write_text(json.dumps(dict(manifest, engine_file="model.plan"), indent=2))
+    names = list(manifest.get("tokenizer_files") or []) + list(TOKENIZER_EXTRAS)
+    for f in names:
         if (engine_dir / f).is_file() and not (v1 / f).exists():
             shutil.copy2(engine_dir / f, v1 / f)
-    g1 = out_dir / gen_name / "1"
-    g1.mkdir(parents=True)
-    (out_dir / gen_name / "config.pbtxt").write_text(gen_cfg)
-    shutil.copy2(Path(__file__).with_name("triton_model.py"), g1 / "model.py")
-    return out_dir
 
 
-__all__ = ["PackageError", "TRITON_DTYPES", "generate_config", "package_triton", "plan_config"]
+def _copy_export(export_dir: Path, manifest: dict, dest: Path) -> None:
+    """The export's own files (model, external data, manifest, tokenizer files) into ``dest``."""
+    from ..outputs import check_file_names
+
+    for key in ("model_file", "external_data", "tokenizer_files"):
+        check_file_names(manifest.get(key) or (), export_dir, key, PackageError)
+    names = ["manifest.json", str(manifest.get("model_file") or "model.onnx")]
+    names += [manifest["external_data"]] if manifest.get("external_data") else []
+    names += list(manifest.get("tokenizer_files") or []) + list(TOKENIZER_EXTRAS)
+    dest.mkdir(parents=True)
+    for f in dict.fromkeys(names):
+        if (export_dir / f).is_file():
+            shutil.copy2(export_dir / f, dest / f)
+    if not (dest / names[1]).is_file():
+        raise PackageError(f"{export_dir}: {names[1]} is missing; re-export")
+
+
+def package_triton(artifact_dir, out_dir, *, model_name: str | None = None, force: bool = False,
+                   backend: str = "auto", max_batch: int = 8, max_queue: int = 64, instances: int = 1,
+                   threads: int = 0) -> PackageResult:
+    """Write a Triton model repository for an engine or an ONNX export folder into ``out_dir``.
+
+    Engine: ``<name>`` (tensorrt_plan) + ``<name>_generate`` (python, over ``../../<name>/1``).
+    Export: ``<name>_generate`` only, the export copied into ``<name>_generate/1/artifact``
+    (KIND_CPU, ONNX Runtime). The models are written beside and renamed into place."""
+    src, out_dir = Path(artifact_dir), Path(out_dir)
+    kind, manifest = _read_source(src)
+    name = model_name or src.resolve().name
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise PackageError(f"model name {name!r} must be letters, digits, '-', '_' or '.'; pass --model-name")
+    gen_name = f"{name}_generate"
+    models = (name, gen_name) if kind == "engine" else (gen_name,)
+    for m in models:
+        target = (out_dir / m).resolve()
+        if target == src.resolve() or target in src.resolve().parents:
+            raise PackageError(f"{out_dir / m} is the artifact being packaged (or contains it): writing there would "
+                               "delete it; choose another OUT_DIR or --model-name")
+        if (out_dir / m).exists() and not force:
+            raise PackageError(f"{out_dir / m} exists; pass --force to replace it or choose another OUT_DIR")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PackageError(f"{out_dir} is a file; choose a folder for the model repository")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".package-", dir=out_dir))
+    try:
+        if kind == "engine":
+            _write_engine_models(stage, src, manifest, name, instances)
+            settings = GenerateModelSettings(f"../../{name}/1", backend, max_batch, max_queue, threads=threads)
+        else:
+            _copy_export(src, manifest, stage / gen_name / "1" / "artifact")
+            settings = GenerateModelSettings("artifact", backend if backend != "auto" else "onnxruntime", max_batch,
+                                             max_queue, threads=threads, kind="KIND_CPU")
+        (stage / gen_name / "1").mkdir(parents=True, exist_ok=True)
+        (stage / gen_name / "config.pbtxt").write_text(generate_config(gen_name, settings, f"{src.name}/manifest.json"))
+        shutil.copy2(Path(__file__).with_name("triton_model.py"), stage / gen_name / "1" / "model.py")
+        for m in models:
+            if (out_dir / m).exists():
+                shutil.rmtree(out_dir / m)
+            (stage / m).rename(out_dir / m)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return PackageResult(out_dir, kind, models, gen_name)
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    repository: Path
+    source_kind: str             # "engine" | "export"
+    models: tuple[str, ...]      # written model folders
+    generate_model: str          # the one to load and expose
+
+
+__all__ = ["GENERATE_INPUTS", "GENERATE_OUTPUTS", "GenerateModelSettings", "PackageError", "PackageResult",
+           "TRITON_DTYPES", "generate_config", "package_triton", "plan_config"]

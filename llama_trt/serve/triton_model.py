@@ -1,31 +1,44 @@
 """Triton Inference Server python-backend model: llama-trt's generate semantics on Triton.
 
-``llama-trt package ENGINE_DIR --triton OUT`` copies this file to
-``OUT/<name>_generate/1/model.py``. It runs the very scheduler of ``llama-trt serve``
-(:class:`llama_trt.serve.engine.Engine`: continuous batching, per-request seeded
-sampling, stop strings, max_tokens) over ``open_session`` on the engine folder
-``OUT/<name>/1`` (model.plan + manifest.json + tokenizer files), so a Triton deployment
-answers exactly what the OpenAI server answers. Needs ``llama-trt`` (and TensorRT)
-importable in Triton's python-backend environment.
+``llama-trt package ARTIFACT --triton OUT`` copies this file to ``OUT/<name>_generate/1/model.py``.
+It runs the very scheduler of ``llama-trt serve`` (:class:`llama_trt.serve.engine.Engine`:
+continuous batching, per-request seeded sampling, stop strings, max_tokens) over
+``open_session`` on the artifact named by the ``artifact_dir`` parameter: an ONNX export
+copied into ``1/artifact`` (ONNX Runtime) or the engine folder ``OUT/<name>/1`` (TensorRT).
+Inputs are parsed by :mod:`llama_trt.serve.triton_request`. Needs ``llama-trt`` importable in
+the python backend's interpreter.
 
-Decoupled model: every request gets one response per text delta and a final response
-(flag COMPLETE_FINAL) carrying ``finish_reason`` and token counts; with ``stream`` false
-it gets only the final response with the whole text. Works with Triton's
-``/v2/models/<name>_generate/generate`` and ``generate_stream`` endpoints.
+Decoupled model: with ``stream`` true every request gets one response per text delta and a
+final response (flag COMPLETE_FINAL) carrying ``finish_reason`` and token counts; with
+``stream`` false (the default) only the final response with the whole text. Works with
+Triton's ``/v2/models/<name>_generate/generate`` and ``generate_stream`` endpoints and gRPC
+streaming. Refused requests get Triton's INVALID_ARG (HTTP 400); a full queue UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import sys
 import threading
 
 import numpy as np
+
+# Triton's python backend stub embeds Python in isolated mode, which ignores PYTHONPATH;
+# honour it, so a llama-trt checkout on PYTHONPATH is the one this model imports.
+for _p in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 try:  # provided by Triton's python backend
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - outside Triton (tests inject a stand-in module)
     pb_utils = None
+
+INPUT_NAMES = ("text_input", "input_ids", "chat", "max_tokens", "temperature", "top_p", "top_k",
+               "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "stream")
+CANCEL_POLL_S = 0.5
 
 
 def _param(cfg: dict, key: str, default: str) -> str:
@@ -35,39 +48,40 @@ def _param(cfg: dict, key: str, default: str) -> str:
     return str(v) if v not in (None, "") else default
 
 
-def _scalar(request, name: str, default=None):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    if t is None:
-        return default
-    a = t.as_numpy().reshape(-1)
-    if a.size == 0:
-        return default
-    v = a[0]
-    return v.decode("utf-8") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+def _error(message: str, code_name: str = "INVALID_ARG"):
+    code = getattr(pb_utils.TritonError, code_name, None)
+    err = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=err)
 
 
-def _strings(request, name: str) -> tuple[str, ...]:
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    if t is None:
-        return ()
-    return tuple(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1) if v)
+def _response(text: str, ids, finish: str = "", prompt: int = 0, completion: int = 0):
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("output_ids", np.asarray(list(ids), dtype=np.int64)),
+        pb_utils.Tensor("finish_reason", np.array([finish.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("prompt_tokens", np.array([prompt], dtype=np.int32)),
+        pb_utils.Tensor("completion_tokens", np.array([completion], dtype=np.int32)),
+    ])
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        from llama_trt.serve.engine import Engine  # noqa: F401 - fail early if llama-trt is missing
         from llama_trt.serve.server import build_engine
 
         cfg = json.loads(args["model_config"])
         here = os.path.join(args["model_repository"], args["model_version"])
-        engine_dir = _param(cfg, "engine_dir", "")
-        if not os.path.isabs(engine_dir):
-            engine_dir = os.path.normpath(os.path.join(here, engine_dir))
+        artifact = _param(cfg, "artifact_dir", _param(cfg, "engine_dir", ""))
+        if not os.path.isabs(artifact):
+            artifact = os.path.normpath(os.path.join(here, artifact))
+        threads = int(_param(cfg, "threads", "0")) or None
         self.engine = build_engine(
-            engine_dir, backend=_param(cfg, "backend", "auto"), max_batch=int(_param(cfg, "max_batch", "8")),
+            artifact, backend=_param(cfg, "backend", "auto"), max_batch=int(_param(cfg, "max_batch", "8")),
             max_queue=int(_param(cfg, "max_queue", "64")), model_name=cfg.get("name", "llama-trt"),
+            **({"threads": threads} if threads else {}),
         ).start()
         self.default_max_tokens = int(_param(cfg, "default_max_tokens", "64"))
+        timeout = float(_param(cfg, "request_timeout_s", "0"))
+        self.request_timeout_s = timeout if timeout > 0 else None
         self._threads: set[threading.Thread] = set()
 
     def execute(self, requests):
@@ -76,8 +90,7 @@ class TritonPythonModel:
             try:
                 greq, stream = self._submit(request)
             except Exception as e:  # noqa: BLE001 - becomes a Triton error response
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(_error(*_describe(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             t = threading.Thread(target=self._respond, args=(greq, sender, stream), daemon=True)
             self._threads.add(t)
@@ -85,51 +98,45 @@ class TritonPythonModel:
         return None  # decoupled: responses go through the senders
 
     def _submit(self, request):
-        from llama_trt.serve.engine import GenRequest, request_config
+        from llama_trt.serve.engine import GenRequest
+        from llama_trt.serve.triton_request import parse_generate_inputs
 
-        eng = self.engine
-        text = _scalar(request, "text_input")
-        if not text:
-            raise ValueError("text_input is empty")
-        ids = eng.tokenizer.encode(text) if eng.tokenizer is not None else [int(x) for x in text.split(",")]
-        max_tokens = _scalar(request, "max_tokens", None)
-        max_tokens = eng.check(ids, int(max_tokens) if max_tokens is not None else None)
-        if _scalar(request, "max_tokens", None) is None:
-            max_tokens = min(max_tokens, self.default_max_tokens)
-        seed = _scalar(request, "seed", None)
-        params = request_config(
-            max_tokens, temperature=float(_scalar(request, "temperature", 0.0)),
-            top_k=int(_scalar(request, "top_k", 0)), top_p=float(_scalar(request, "top_p", 1.0)),
-            repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-            seed=int(seed) if seed is not None else None, stop_strings=_strings(request, "stop"))
-        greq = eng.submit(GenRequest(ids, params))
-        return greq, bool(_scalar(request, "stream", True))
+        arrays = {}
+        for name in INPUT_NAMES:
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is not None:
+                arrays[name] = t.as_numpy()
+        inp = parse_generate_inputs(arrays, self.engine, self.default_max_tokens)
+        greq = self.engine.submit(GenRequest(inp.prompt_ids, inp.params, timeout_s=self.request_timeout_s))
+        return greq, inp.stream
 
     def _respond(self, greq, sender, stream: bool) -> None:
         from llama_trt.serve.engine import ErrorEvent, FinishEvent, TokenEvent
 
-        def out(text: str, finish: str = "", prompt: int = 0, completion: int = 0):
-            return pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("finish_reason", np.array([finish.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("prompt_tokens", np.array([prompt], dtype=np.int32)),
-                pb_utils.Tensor("completion_tokens", np.array([completion], dtype=np.int32)),
-            ])
-
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        no_text = self.engine.tokenizer is None
+        pending: list[int] = []  # streamed ids whose text is still held back (partial character, stop string)
         try:
             while True:
-                ev = greq.events.get()
+                try:
+                    ev = greq.events.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    if getattr(sender, "is_cancelled", lambda: False)():
+                        greq.cancel()  # the client went away: the scheduler frees the slot
+                        return
+                    continue
                 if isinstance(ev, TokenEvent):
-                    if stream and ev.text:
-                        sender.send(out(ev.text))
+                    pending.append(ev.token_id)
+                    if stream and (ev.text or no_text):
+                        sender.send(_response(ev.text, pending))
+                        pending = []
                 elif isinstance(ev, FinishEvent):
-                    text = ev.text if stream else ev.full_text
-                    sender.send(out(text, "length" if ev.finish_reason == "length" else "stop", ev.prompt_tokens,
-                                    ev.completion_tokens), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    reason = "length" if ev.finish_reason == "length" else "stop"
+                    text, ids = (ev.text, pending) if stream else (ev.full_text, ev.token_ids)
+                    sender.send(_response(text, ids, reason, ev.prompt_tokens, ev.completion_tokens), flags=final)
                     return
                 elif isinstance(ev, ErrorEvent):
-                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.message)),
-                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    sender.send(_error(ev.message, "INVALID_ARG" if ev.status < 500 else "UNAVAILABLE"), flags=final)
                     return
         except Exception:  # noqa: BLE001 - the client is gone (sender closed): free the slot
             greq.cancel()
@@ -140,3 +147,15 @@ class TritonPythonModel:
         self.engine.close()
         for t in list(self._threads):
             t.join(timeout=5)
+
+
+def _describe(e: Exception) -> tuple[str, str]:
+    """(message, Triton error code name) for a request refused before it reached the scheduler."""
+    from llama_trt.errors import LlamaTrtError
+    from llama_trt.serve.engine import EngineStoppedError, QueueFullError
+
+    if isinstance(e, (QueueFullError, EngineStoppedError)):
+        return str(e), "UNAVAILABLE"
+    if isinstance(e, LlamaTrtError):
+        return str(e), "INVALID_ARG"
+    return f"{type(e).__name__}: {e}", "INTERNAL"

@@ -29,7 +29,8 @@ from .profiles import ShapeLimits, make_profiles
 
 STAGES = ("lower", "parse", "configure", "build", "write")
 DEFAULT_MAX_SEQ = 512
-TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
+                   "generation_config.json")
 
 
 @dataclass(frozen=True)

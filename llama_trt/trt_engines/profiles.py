@@ -19,6 +19,9 @@ PREFILL = "prefill"
 DECODE = "decode"
 
 
+INT32_MAX = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class ShapeLimits:
     max_batch: int
@@ -31,6 +34,8 @@ class ShapeLimits:
                            ("--max-context", self.max_context)):
             if not isinstance(value, int) or value < 1:
                 raise BuildError(f"{opt} must be an integer >= 1, got {value!r}")
+            if value > INT32_MAX:  # TensorRT dimensions are int32 (the bindings raised a TypeError)
+                raise BuildError(f"{opt} must be <= {INT32_MAX} (TensorRT dimensions are 32-bit), got {value}")
         if self.max_seq > self.max_context:
             raise BuildError(
                 f"--max-seq {self.max_seq} exceeds --max-context {self.max_context}: a prompt cannot be "

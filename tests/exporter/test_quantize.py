@@ -60,7 +60,8 @@ def w8(fp32_dir, q_root, state_dict):
 
 @pytest.fixture(scope="session")
 def sq(fp32_dir, q_root, state_dict):
-    return _quantize(fp32_dir, q_root, state_dict, "int8-sq", "int8-sq")
+    # all layers W8A8 (KL ~0.19 on this 260K model): the target is raised so nothing falls back or refuses
+    return _quantize(fp32_dir, q_root, state_dict, "int8-sq", "int8-sq", sq_target_kl=1.0)
 
 
 @pytest.fixture(scope="session")
@@ -126,9 +127,8 @@ def test_graph_has_explicit_int8_qdq(which, request, fp32_dir, state_dict):
     # plugin nodes and their function bodies survive
     assert facts["functions"] == ["RMSNorm", "RotaryEmbedding"]
     assert facts["plugin_nodes"] == 21  # 11 RMSNorm + 10 RotaryEmbedding
-    # 35 decoder linears (+ lm head for int8-weight)
-    expected = 35 + (1 if which == "w8" else 0)
-    assert len(quantized) == expected
+    # 35 decoder linears; the (tied) lm head stays float by default for every scheme
+    assert len(quantized) == 35
     if which == "sq":
         q_inputs = {q["input"] for q in facts["quantize"]}
         assert len(facts["quantize"]) == 20  # per layer: norm out x2, attention out, SwiGLU out
@@ -242,7 +242,8 @@ def test_cli_int8_sq_with_token_id_file(stories260k, q_root, fp32_dir):
     calib.write_text(", ".join(str(int(i)) for i in ids))
     out = q_root / "cli-sq"
     r = CliRunner().invoke(main, ["export", str(stories260k), "-o", str(out), "--quantize", "int8-sq",
-                                  "--calib-data", str(calib), "--calib-samples", "3", "--sq-alpha", "0.6"])
+                                  "--calib-data", str(calib), "--calib-samples", "3", "--sq-alpha", "0.6",
+                                  "--sq-target-kl", "1.0"])
     assert r.exit_code == 0, r.output
     m = load_manifest(out)
     q = m.quantization
@@ -256,6 +257,8 @@ def test_cli_int8_sq_with_token_id_file(stories260k, q_root, fp32_dir):
     assert q["library"]["onnxruntime"]
     assert json.loads((out / "manifest.json").read_text())["quantization"]["scheme"] == "int8-sq"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+    # the export-time certificate (validate's teacher-forced metrics) is in the manifest
+    assert m.certificate["scheme"] == "int8-sq" and m.certificate["tokens"] > 100
 
 
 def test_builtin_calibration_is_recorded(sq):
@@ -264,7 +267,10 @@ def test_builtin_calibration_is_recorded(sq):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--quantize", "int4"], "'int4' is not one of 'int8-weight', 'int8-sq'"),
+    (["--quantize", "int4"], "'int4' is not one of 'int8-weight', 'int8-sq', 'int4-awq', 'int4-rtn'"),
+    (["--quantize", "int8-weight", "--group-size", "32"], "apply to int4 schemes"),
+    (["--quantize", "int4-rtn", "--calib-data", "MISSING"], "only applies to calibrated schemes"),
+    (["--quantize", "int4-awq", "--group-size", "48"], "'48' is not one of '32', '64', '128'"),
     (["--quantize", "int8-sq", "--calib-data", "MISSING"], "file not found"),
     (["--quantize", "int8-sq", "--calib-data", "FLOATNPY"], "token ids must be integers"),
     (["--quantize", "int8-sq", "--sq-alpha", "1.5"], "'--sq-alpha': 1.5 is not in the range 0.0<=x<=1.0"),

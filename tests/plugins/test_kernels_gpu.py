@@ -68,7 +68,9 @@ def ref_rope(x64, pos, inv_freq, interleaved, rot, dtype):
     return _round(out, dtype), scale
 
 
-RMS_SHAPES = [(4096, 4096), (1, 4096), (333, 1000), (4096, 67), (64, 8192), (8, 32768)]
+# hidden 576 (SmolLM2-135M) .. 8192 (Llama-70B), up to 8192 tokens; odd sizes hit the masks
+RMS_SHAPES = [(8192, 576), (1, 576), (16, 2048), (4096, 4096), (1, 4096), (333, 1000), (4096, 67), (64, 8192),
+              (8, 32768)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -94,7 +96,9 @@ def test_rms_norm_gpu_parity(shape, residual, dtype):
 
 
 ROPE_SHAPES = [
-    (1, 32, 4096, 128, 128),   # Llama prefill
+    (1, 32, 8192, 128, 128),   # Llama prefill, 8k tokens
+    (1, 9, 8192, 64, 64),      # SmolLM2-135M q, 8k tokens (9 heads: a partial head block)
+    (8, 3, 1, 64, 64),         # SmolLM2-135M k at decode, batch 8
     (4, 32, 1, 128, 128),      # decode
     (2, 8, 1024, 128, 64),     # partial rotary
     (2, 16, 512, 64, 64),
@@ -132,3 +136,23 @@ def test_rope_gpu_positions_near_2_pow_24():
     for interleaved in (False, True):
         ref, scale = ref_rope(x.double(), pos, inv, interleaved, 128, torch.float32)
         _assert_close(rope_triton(x, pos, inv, interleaved, 128), ref, torch.float32, "RoPE pos ~2^24", scale)
+
+
+def test_custom_ops_dispatch_to_triton_on_cuda():
+    """The model's custom ops run the Triton kernels on CUDA tensors (same bits as a direct launch)."""
+    import llama_trt.plugins.rms_norm  # noqa: F401 - registers the ops
+    import llama_trt.plugins.rope  # noqa: F401
+    from llama_trt.plugins.rms_norm.kernel import rms_norm_triton
+    from llama_trt.plugins.rope.kernel import rope_triton
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(2, 7, 576, generator=g, device="cuda").half()
+    w = (1 + 0.1 * torch.randn(576, generator=g, device="cuda")).half()
+    assert torch.equal(torch.ops.llama_trt.rms_norm(x, w, 1e-5), rms_norm_triton(x, w, 1e-5))
+    q = torch.randn(2, 9, 7, 64, generator=g, device="cuda").bfloat16().transpose(1, 2).contiguous().transpose(1, 2)
+    pos = torch.arange(7, device="cuda")[None].expand(2, 7)
+    inv = (1.0 / 1e5 ** (torch.arange(0, 64, 2, device="cuda", dtype=torch.float64) / 64)).float()
+    got = torch.ops.llama_trt.rope(q, pos, inv, False, 64)  # non-contiguous q, as the model passes it
+    assert torch.equal(got, rope_triton(q.contiguous(), pos, inv, False, 64))
+    ref, scale = ref_rope(q.double(), pos, inv, False, 64, torch.bfloat16)
+    _assert_close(got, ref, torch.bfloat16, "RoPE via custom op", scale)

@@ -29,9 +29,13 @@ def test_run_text_prompt_stream_and_chat(stories_export, word_tokenizer_json):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["prompt_ids"] == [1, 461, 13] and out["text"].split() == [f"w{i}" for i in out["token_ids"]]
-    r = invoke(*base, "--stream")
+    r = invoke(*base, "--stream", "--no-echo")
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == out["text"]
+    for extra in ([], ["--stream"]):  # the prompt, then the continuation (the tokenizer's space between)
+        r = invoke(*base, *extra)
+        assert r.exit_code == 0, r.output
+        assert r.stdout.strip() == "w461 w13 " + out["text"]
     r = invoke(*base, "--stream", "--json")
     lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert "".join(c["text"] for c in lines[:-1]) == out["text"] and lines[-1]["token_ids"] == out["token_ids"]

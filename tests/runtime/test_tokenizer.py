@@ -20,9 +20,10 @@ def test_sentencepiece_round_trip_matches_library(llama2_tokenizer_model):
     assert tok.kind == "sentencepiece" and tok.vocab_size == 32000 and tok.bos_id == 1 and tok.eos_id == 2
     for text in TEXTS:
         ids = tok.encode(text)
-        assert ids == [1, *sp.encode(text)]
-        assert tok.encode(text, add_bos=False) == sp.encode(text)
-        assert tok.decode(ids) == sp.decode(sp.encode(text))
+        if not text.startswith(" "):  # a leading space gets no dummy prefix (transformers; see the parity tests)
+            assert ids == [1, *sp.encode(text)]
+            assert tok.encode(text, add_bos=False) == sp.encode(text)
+            assert tok.decode(ids) == sp.decode(sp.encode(text))
 
 
 def test_sentencepiece_stream_decoder_concatenates_to_full_text(llama2_tokenizer_model):
@@ -76,3 +77,46 @@ def test_no_tokenizer_means_ids(tmp_path):
     assert load_tokenizer(tmp_path) is None
     with pytest.raises(TokenizerError, match="not found"):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_template_features_render_like_transformers(word_tokenizer_json, tmp_path):
+    """{% generation %}, tojson (no HTML escaping, options), loop controls, strftime_now, extra
+    variables: rendered by transformers' apply_chat_template on the same folder as the reference."""
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
+                "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+                "{% else %}{{ m | tojson(indent=1, sort_keys=True) }}{% endif %}{% endfor %}"
+                "{{ tools | tojson }}{{ strftime_now('%Y') | length }}{{ eos_token }}")
+    messages = [{"role": "user", "content": "<b>&'\"日本</b>"}, {"role": "skip", "content": "x"},
+                {"role": "assistant", "content": "w5"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "<x>"}}]
+    hf = AutoTokenizer.from_pretrained(word_tokenizer_json.parent)
+    want = hf.apply_chat_template(messages, chat_template=template, tools=tools, tokenize=False)
+    tok = load_tokenizer(word_tokenizer_json, chat_template=template)
+    assert tok.apply_chat_template(messages, add_generation_prompt=False, tools=tools) == want
+
+
+def test_template_sources_and_their_errors(word_tokenizer_json, tmp_path):
+    from llama_trt.runtime.tokenizer import find_chat_template, open_tokenizer
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(word_tokenizer_json.read_bytes())
+    named = [{"name": "a", "template": "A"}, {"name": "b", "template": "B"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    with pytest.raises(TokenizerError, match="none named 'default'.*--chat-template"):
+        load_tokenizer(folder)
+    (folder / "chat_template.jinja").write_text("J")  # the file wins over tokenizer_config.json, as in transformers
+    assert load_tokenizer(folder).chat_template == "J"
+    (folder / "chat_template.jinja").unlink()
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": "L"}))
+    assert find_chat_template(folder, {}) == "L"
+    override = tmp_path / "mine.jinja"
+    override.write_text("M")
+    assert open_tokenizer(folder, chat_template_file=override).chat_template == "M"
+    with pytest.raises(TokenizerError, match="chat template not found"):
+        open_tokenizer(folder, chat_template_file=tmp_path / "missing.jinja")
+    with pytest.raises(TokenizerError, match="needs a tokenizer"):
+        open_tokenizer(None, chat_template_file=override)

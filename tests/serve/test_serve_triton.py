@@ -79,7 +79,8 @@ def test_package_writes_a_parseable_triton_repository(tmp_path, tiny_export):
     gen = _parse(out / "tiny_generate" / "config.pbtxt")
     assert gen.backend == "python" and gen.model_transaction_policy.decoupled
     assert {i.name for i in gen.input} >= {"text_input", "max_tokens", "temperature", "stop", "stream"}
-    assert gen.parameters["engine_dir"].string_value == "../../tiny/1"
+    assert gen.parameters["artifact_dir"].string_value == "../../tiny/1"
+    assert gen.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
     assert (out / "tiny_generate" / "1" / "model.py").is_file()
 
     # refusing to overwrite; --force replaces
@@ -89,9 +90,50 @@ def test_package_writes_a_parseable_triton_repository(tmp_path, tiny_export):
                                      "--force"]).exit_code == 0
 
 
-def test_package_refuses_non_engines(tmp_path, tiny_export):
-    res = CliRunner().invoke(main, ["package", str(tiny_export), "--triton", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "not an engine" in res.output
+def test_package_refuses_what_is_neither_engine_nor_export(tmp_path, tiny_export):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text(json.dumps({"kind": "llama_trt.checkpoint"}))
+    res = CliRunner().invoke(main, ["package", str(ckpt), "--triton", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "neither an engine" in res.output
+    res = CliRunner().invoke(main, ["package", str(tmp_path / "nothing"), "--triton", str(tmp_path / "r")])
+    assert res.exit_code == 2 and res.output.startswith("error:")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_package_an_onnx_export(tmp_path, tiny_export):
+    """An export gets one python model (KIND_CPU, ONNX Runtime) with the export copied into it,
+    and `package` prints a tritonserver command that loads exactly that model."""
+    out = tmp_path / "repo"
+    res = CliRunner().invoke(main, ["package", str(tiny_export), "--triton", str(out), "--model-name", "tiny",
+                                    "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["tiny_generate"]  # nothing half-written left beside
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    gen = _parse(out / "tiny_generate" / "config.pbtxt")
+    assert gen.backend == "python" and gen.model_transaction_policy.decoupled
+    assert gen.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert gen.parameters["artifact_dir"].string_value == "artifact"
+    assert gen.parameters["backend"].string_value == "onnxruntime"
+    assert gen.parameters["threads"].string_value == "1"
+    names = {i.name: i for i in gen.input}
+    assert {"text_input", "input_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+            "stream", "chat"} <= set(names) and all(i.optional for i in gen.input)
+    assert names["input_ids"].data_type == pb.TYPE_INT64 and list(names["input_ids"].dims) == [-1]
+    art = out / "tiny_generate" / "1" / "artifact"
+    for f in ("model.onnx", "manifest.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (art / f).read_bytes() == (tiny_export / f).read_bytes()
+    assert (out / "tiny_generate" / "1" / "model.py").is_file()
+    assert "--load-model=tiny_generate" in res.output and "--model-control-mode=explicit" in res.output
+    assert f"--model-repository={out.resolve()}" in res.output
+    # a model folder that is the artifact itself is refused (with --force too), never deleted
+    import shutil
+
+    src = tmp_path / "repo2" / "x_generate"
+    shutil.copytree(tiny_export, src)
+    res = CliRunner().invoke(main, ["package", str(src), "--triton", str(src.parent), "--model-name", "x", "--force"])
+    assert res.exit_code == 2 and "being packaged" in res.output and (src / "model.onnx").is_file()
 
 
 class _FakePb(types.ModuleType):
@@ -112,7 +154,11 @@ class _FakePb(types.ModuleType):
             self.error = error
 
     class TritonError(Exception):
-        pass
+        INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+
+        def __init__(self, message, code=None):
+            super().__init__(message)
+            self.code = code
 
     @staticmethod
     def get_input_tensor_by_name(request, name):
@@ -145,7 +191,7 @@ def test_python_generate_model_matches_run(tmp_path, tiny_export, run_cli, monke
 
     tm = importlib.reload(tm)
     model = tm.TritonPythonModel()
-    cfg = {"name": "tiny_generate", "parameters": {"engine_dir": {"string_value": str(tiny_export)},
+    cfg = {"name": "tiny_generate", "parameters": {"artifact_dir": {"string_value": str(tiny_export)},
                                                      "backend": {"string_value": "onnxruntime"}}}
     model.initialize({"model_config": json.dumps(cfg), "model_repository": str(tmp_path), "model_version": "1"})
     try:
@@ -155,18 +201,19 @@ def test_python_generate_model_matches_run(tmp_path, tiny_export, run_cli, monke
             req = _Request(text_input=np.array([prompt.encode()], dtype=object), max_tokens=np.array([10], np.int32),
                            temperature=np.array([0.0], np.float32), stream=np.array([stream]))
             model.execute([req])
-            texts, flags = [], 0
+            texts, ids, flags = [], [], 0
             while not flags:
                 resp, flags = req.sender.q.get(timeout=30)
                 assert resp.error is None, resp.error
                 texts.append(resp.outputs["text_output"][0].decode())
-            assert "".join(texts) == ref["text"]
+                ids += resp.outputs["output_ids"].tolist()
+            assert "".join(texts) == ref["text"] and ids == ref["token_ids"]
             assert resp.outputs["finish_reason"][0] == b"length"
             assert int(resp.outputs["completion_tokens"][0]) == 10
             assert len(texts) > 1 if stream else len(texts) == 1
         bad = _Request(text_input=np.array([b"a"], dtype=object), max_tokens=np.array([10_000], np.int32))
         model.execute([bad])
         resp, flags = bad.sender.q.get(timeout=30)
-        assert resp.error is not None and flags == 1
+        assert resp.error is not None and flags == 1 and resp.error.code == "INVALID_ARG"
     finally:
         model.finalize()

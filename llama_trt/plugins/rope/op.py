@@ -6,13 +6,16 @@ angle = float32(position) * inv_freq in float32; cos/sin are taken in float32 an
 cast to x's dtype (as Hugging Face does). The first ``rotary_dim`` channels rotate:
 ``interleaved=False`` pairs (i, i + rotary_dim/2) (HF rotate_half),
 ``interleaved=True`` pairs (2i, 2i+1) (Meta, llama2.c). Real-valued throughout.
+
+CPU tensors run the plain-torch reference; CUDA tensors run the Triton kernel
+(:mod:`.kernel`) when triton is importable, else the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..spec import FusedOpSpec
+from ..spec import FusedOpSpec, triton_usable
 
 SPEC = FusedOpSpec(
     torch_name="rope",
@@ -62,3 +65,21 @@ def rope(
 @rope.register_fake
 def _(x, position_ids, inv_freq, interleaved, rotary_dim):
     return torch.empty_like(x)
+
+
+def _triton_impl(x, position_ids, inv_freq, interleaved, rotary_dim):
+    if not triton_usable():
+        return rope_reference(x, position_ids, inv_freq, interleaved, rotary_dim)
+    from .kernel import rope_triton
+
+    return rope_triton(x, position_ids, inv_freq, interleaved, rotary_dim)
+
+
+def use_triton_kernel(device_type: str = "cuda") -> None:
+    """Route the custom op to the Triton kernel for ``device_type`` ("cuda" is done at import;
+    "cpu" runs the kernel in Triton's interpreter and needs ``TRITON_INTERPRET=1`` set before
+    triton is first imported -- for smoke checks, not for speed)."""
+    rope.register_kernel(device_type)(_triton_impl)
+
+
+use_triton_kernel("cuda")

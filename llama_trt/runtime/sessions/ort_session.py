@@ -128,6 +128,10 @@ class OrtSession(Session):
         # spinning workers wait faster on a quiet machine and waste shared cores on a busy one
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         self.allow_spinning = bool(allow_spinning)
+        # ORT CPU fuses DequantizeLinear(int8 / int4 blocked) -> MatMul into MatMulNBits, whose
+        # default accuracy level quantizes the activations to int8 on the fly (SmolLM2 int8-weight:
+        # KL 0.0035 -> 0.0085). Level 1 computes in fp32, the graph's own semantics.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self._so = so
         providers = list(providers) if providers else default_providers(ort)
         # the fused kernels are verified on CPU only: default on there, opt-in elsewhere

@@ -49,8 +49,8 @@ def _prepare(serving: Serving, raw: bytes) -> _Prepared:
     _check_model(serving, req.model)
     tok = serving.engine.tokenizer
     if tok is None or not tok.chat_template:
-        raise APIError(400, "this model has no chat template (tokenizer_config.json 'chat_template'); "
-                            "use /v1/completions", param="messages", code="no_chat_template")
+        raise APIError(400, "this model has no chat template (chat_template.jinja or tokenizer_config.json "
+                            "'chat_template'); start the server with --chat-template FILE or use /v1/completions", param="messages", code="no_chat_template")
     try:
         text = tok.apply_chat_template(_messages(req), add_generation_prompt=True)
     except APIError:

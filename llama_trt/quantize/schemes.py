@@ -1,0 +1,170 @@
+"""Quantization schemes as data, and the options of one quantization run.
+
+Each scheme is a frozen :class:`Scheme` (weight bits, granularity, zero points, whether
+activations are quantized, which search runs, whether TensorRT builds it). The manifest
+records :meth:`Scheme.to_dict`, so an artifact says exactly what it holds.
+
+==============  =====================================================================
+``int8-weight``  W8A16: int8 weights, one symmetric scale per output channel
+                 (``DequantizeLinear(axis=1)`` on a ``[K, N]`` MatMul weight), after AWQ's
+                 activation-aware scale search (exact folds only; alpha 0 = plain rounding).
+``int8-sq``      W8A8 SmoothQuant: int8 per-channel weights and per-tensor int8
+                 activations; refused when it misses its KL target (see smoothquant.py).
+``int4-awq``     W4A16: int4 weights in blocks of ``group_size`` along the input
+                 dimension (``DequantizeLinear(axis=0, block_size=g)``), after AWQ's
+                 activation-aware scale and clipping search on calibration text.
+``int4-rtn``     the same storage, plain round-to-nearest (AWQ's baseline).
+==============  =====================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..errors import ExportError
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, check_calibration_file
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_GROUP = 64
+GROUP_SIZES = (32, 64, 128)
+# The block sizes offered for TensorRT INT4 weight-only (ModelOpt's int4_awq uses 128; DESIGN.md: a
+# g64 DQ -> MatMul built by TensorRT-RTX 1.7.1 stayed int4). Not re-verified by a build in this change.
+TENSORRT_INT4_GROUPS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a scheme stores and how it chooses its weights."""
+
+    name: str
+    weight_bits: int                    # 8 or 4
+    group_size: int | None = None       # None: one scale per output channel; else a block along K
+    symmetric: bool = True              # False: uint4 + zero points (int4 only)
+    activations: bool = False           # W8A8: activations quantized per tensor too
+    awq: bool = False                   # activation-aware scale + clip search
+    calibrated: bool = False            # needs calibration text
+
+    @property
+    def weight_dtype(self) -> str:
+        if self.weight_bits == 8:
+            return "int8"
+        return "int4" if self.symmetric else "uint4"
+
+    @property
+    def tensorrt(self) -> tuple[bool, str]:
+        """(TensorRT / TensorRT-RTX build it as a quantized GEMM, why not)."""
+        if self.weight_bits == 4 and not self.symmetric:
+            return False, "TensorRT's IDequantizeLayer rejects non-zero INT4 zero points (use symmetric int4)"
+        if self.weight_bits == 4 and self.group_size not in TENSORRT_INT4_GROUPS:
+            return False, f"TensorRT INT4 block sizes are {TENSORRT_INT4_GROUPS}"
+        return True, ""
+
+    def to_dict(self) -> dict:
+        ok, why = self.tensorrt
+        return {**asdict(self), "weight_dtype": self.weight_dtype, "tensorrt": ok,
+                **({"tensorrt_note": why} if why else {})}
+
+
+SCHEMES: dict[str, Scheme] = {
+    "int8-weight": Scheme("int8-weight", 8, awq=True, calibrated=True),
+    "int8-sq": Scheme("int8-sq", 8, activations=True, calibrated=True),
+    "int4-awq": Scheme("int4-awq", 4, DEFAULT_GROUP, awq=True, calibrated=True),
+    "int4-rtn": Scheme("int4-rtn", 4, DEFAULT_GROUP),
+}
+SCHEME_NAMES = tuple(SCHEMES)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    scheme: Scheme
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool | None = None  # None: scheme default (int8 schemes: float; int4: int8 per-channel)
+    sq_alpha: float = DEFAULT_ALPHA
+    sq_target_kl: float | None = None   # None: the int8-sq certificate gate
+    calib_data: Path | None = None
+    calib_samples: int = DEFAULT_SAMPLES
+    calib_seq_len: int = DEFAULT_SEQ_LEN
+    seed: int = 0
+    exclude: tuple[str, ...] = ()       # fnmatch patterns of module names kept in float
+    certify: bool = True                # accuracy certificate after export (into the manifest)
+
+    @property
+    def name(self) -> str:
+        return self.scheme.name
+
+    # older names, kept for callers of exporter/quantize.py
+    @property
+    def embeddings(self) -> bool:
+        return self.quantize_embeddings
+
+    @property
+    def lm_head(self) -> bool:
+        """The head is quantized (at :attr:`head_bits`)."""
+        return self.head_bits is not None
+
+    @property
+    def head_bits(self) -> int | None:
+        """None: float. Default: float for int8 schemes (the most sensitive layer; the int8 gate
+        needs it), int8 per-channel for int4 schemes (its error is small next to int4's, and a
+        135M model's tied table is 40% of its weights). ``--quantize-lm-head``: the scheme's bits."""
+        if self.quantize_lm_head is None:
+            return 8 if self.scheme.weight_bits == 4 else None
+        return self.scheme.weight_bits if self.quantize_lm_head else None
+
+    @property
+    def activations(self) -> bool:
+        return self.scheme.activations
+
+
+def _scheme(name, group_size, zero_point) -> Scheme:
+    if name not in SCHEMES:
+        raise ExportError(f"unknown --quantize value {name!r}: choose one of {', '.join(SCHEMES)}")
+    base = SCHEMES[name]
+    if base.weight_bits != 4:
+        if group_size is not None or zero_point:
+            raise ExportError(f"--group-size / --int4-zero-point apply to int4 schemes, not {name}")
+        return base
+    g = DEFAULT_GROUP if group_size is None else group_size
+    if g not in GROUP_SIZES:
+        raise ExportError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {g}")
+    return replace(base, group_size=int(g), symmetric=not zero_point)
+
+
+def parse_options(scheme, *, quantize_embeddings=None, quantize_lm_head=None, sq_alpha=None, calib_data=None,
+                  calib_samples=None, calib_seq_len=None, seed: int = 0, exclude=(), group_size=None,
+                  int4_zero_point: bool = False, sq_target_kl=None, certify: bool = True) -> QuantizeOptions:
+    """Check everything that can be checked before any export work; :class:`ExportError` otherwise."""
+    if isinstance(scheme, QuantizeOptions):
+        return scheme
+    sch = scheme if isinstance(scheme, Scheme) else _scheme(scheme, group_size, int4_zero_point)
+    alpha = DEFAULT_ALPHA if sq_alpha is None else sq_alpha
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ExportError(f"--sq-alpha must be a number in [0, 1], got {sq_alpha!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise ExportError(f"--sq-alpha must be in [0, 1], got {alpha}")
+    if not sch.activations and (sq_alpha is not None and alpha != DEFAULT_ALPHA or sq_target_kl is not None):
+        raise ExportError("--sq-alpha / --sq-target-kl only apply to --quantize int8-sq")
+    if sq_target_kl is not None and not float(sq_target_kl) > 0:
+        raise ExportError(f"--sq-target-kl must be > 0, got {sq_target_kl}")
+    samples = DEFAULT_SAMPLES if calib_samples is None else calib_samples
+    seq_len = DEFAULT_SEQ_LEN if calib_seq_len is None else calib_seq_len
+    if not isinstance(samples, int) or samples < 1:
+        raise ExportError(f"--calib-samples must be a positive integer, got {calib_samples!r}")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ExportError(f"calibration sequence length must be >= 2, got {calib_seq_len!r}")
+    if calib_data is not None:
+        if not sch.calibrated:
+            raise ExportError(f"--calib-data only applies to calibrated schemes (int8-sq, int4-awq); "
+                              f"{sch.name} needs no calibration")
+        check_calibration_file(calib_data)
+        calib_data = Path(calib_data)
+    return QuantizeOptions(sch, bool(quantize_embeddings), None if quantize_lm_head is None else bool(quantize_lm_head), alpha,
+                           None if sq_target_kl is None else float(sq_target_kl), calib_data, samples, seq_len,
+                           seed, tuple(str(p) for p in (exclude or ())), bool(certify))
+
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "QuantizeOptions", "SCHEMES", "SCHEME_NAMES", "Scheme",
+           "parse_options"]
