@@ -50,6 +50,7 @@ class OrtLoweringReport:
     attention_3d: int = 0              # Attention nodes fed [B, S, H*D] directly (no head transposes)
     skip_norm: int = 0                 # Add + norm pairs -> SkipSimplifiedLayerNormalization
     packed_matmuls: str = ""           # "a -> b": MatMuls sharing an input packed into one + Split
+    unshared_quantized: int = 0        # quantized weights also read by another node: DQ given its own entry
     nodes_before: int = 0
     nodes_after: int = 0
     notes: list[str] = field(default_factory=list)
@@ -62,6 +63,8 @@ class OrtLoweringReport:
             "Attention on [batch, seq, heads*head_dim] (head Reshape/Transpose removed)": self.attention_3d,
             "SkipSimplifiedLayerNormalization(com.microsoft)": self.skip_norm,
             "MatMuls with one input and constant weights packed (+ Split)": self.packed_matmuls or "off",
+            "quantized weights shared with another reader, DequantizeLinear given its own entry":
+                self.unshared_quantized,
             "graph_nodes": f"{self.nodes_before} -> {self.nodes_after} (function bodies counted inlined)",
             **({"notes": self.notes} if self.notes else {}),
         }
@@ -95,6 +98,7 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
     if simplified_layer_norm:
         _to_simplified_layer_norm(out)
         report.skip_norm = _fuse_skip_norm(out)
+    report.unshared_quantized = _unshare_quantized_weights(out)
     if pack_matmuls:
         report.packed_matmuls = _pack_matmuls(out)
     _remove_dead_nodes(out)
@@ -297,6 +301,34 @@ def _pack_matmuls(model) -> str:
         return f"{before} -> {before}"
     _splice(g, replace, drop)
     return f"{before} -> {before - len(drop)}"
+
+
+def _unshare_quantized_weights(model) -> int:
+    """A quantized weight read by a ``DequantizeLinear`` and by another node (an int4 export's tied
+    table: the lm head's DQ and the embedding's ``Gather``) keeps ONNX Runtime from fusing DQ +
+    MatMul into ``MatMulNBits``: it then dequantizes the whole table every step (80% of an int4
+    SmolLM2 decode step). The DQ gets its own initializer entry; for a weight left in the export
+    file that entry references the same bytes, so nothing is copied on disk."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    done = 0
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
+        shared = [i for i, name in enumerate(dq.input) if name in inits
+                  and any(r is not dq for r in readers.get(name, []))]
+        if not shared or dq.input[0] not in inits:
+            continue
+        for i in shared:  # weight, scale and zero point alike (a Gather may read all three)
+            alias = type(inits[dq.input[i]])()
+            alias.CopyFrom(inits[dq.input[i]])
+            alias.name = f"{dq.input[i]}.{dq.name or dq.output[0]}"
+            g.initializer.append(alias)
+            dq.input[i] = alias.name
+        done += 1
+    return done
 
 
 def _splice(g, replace: dict[int, list] | None = None, drop=()) -> None:
