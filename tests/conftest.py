@@ -68,3 +68,14 @@ def smollm2_hf(smollm2_gguf) -> Path:
     from llama_trt.checkpoint.zoo import reference_hf_folder
 
     return reference_hf_folder()
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_export(smollm2_hf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported once per test session in fp32 (shared by the slow real-model
+    tests: chat parity, Triton, quantization). Tests must treat it as read-only."""
+    from llama_trt.exporter import export
+
+    out = tmp_path_factory.mktemp("smollm2-export") / "fp32"
+    export(smollm2_hf, out, dtype="fp32")
+    return out

@@ -22,6 +22,7 @@ import os
 import queue
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -39,6 +40,7 @@ except ImportError:  # pragma: no cover - outside Triton (tests inject a stand-i
 INPUT_NAMES = ("text_input", "input_ids", "chat", "max_tokens", "temperature", "top_p", "top_k",
                "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "stream")
 CANCEL_POLL_S = 0.5
+ADMISSION_POLL_S = 0.002
 
 
 def _param(cfg: dict, key: str, default: str) -> str:
@@ -95,7 +97,17 @@ class TritonPythonModel:
             t = threading.Thread(target=self._respond, args=(greq, sender, stream), daemon=True)
             self._threads.add(t)
             t.start()
+        self._wait_for_room()
         return None  # decoupled: responses go through the senders
+
+    def _wait_for_room(self) -> None:
+        """Return only once the scheduler has taken every submitted request into a batch slot:
+        while all slots are busy the next requests wait in *Triton's* queue, so
+        ``nv_inference_pending_request_count`` / ``nv_inference_queue_duration_us`` measure the
+        load (what the HPA scales on) instead of staying at zero behind our own queue."""
+        eng = self.engine
+        while eng.queue_depth > 0 and eng.running:
+            time.sleep(ADMISSION_POLL_S)
 
     def _submit(self, request):
         from llama_trt.serve.engine import GenRequest

@@ -17,12 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_hf, tmp_path_factory):
+def smol(smollm2_hf, smollm2_fp32_export, tmp_path_factory):
     from llama_trt.checkpoint import load_checkpoint
-    from llama_trt.exporter import export
 
     root = tmp_path_factory.mktemp("smol-quant")
-    export(smollm2_hf, root / "fp32", dtype="fp32", ort_check=False)
+    (root / "fp32").symlink_to(smollm2_fp32_export, target_is_directory=True)  # the session's shared export
     return root, load_checkpoint(smollm2_hf)
 
 

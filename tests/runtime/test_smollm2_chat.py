@@ -19,12 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_export(smollm2_hf, tmp_path_factory):
-    from llama_trt.exporter import export
-
-    out = tmp_path_factory.mktemp("smol") / "fp32"
-    export(smollm2_hf, out, dtype="fp32")
-    return out
+def smollm2_export(smollm2_fp32_export):
+    return smollm2_fp32_export
 
 
 @pytest.fixture(scope="module")

@@ -211,6 +211,20 @@ def test_python_generate_model_matches_run(tmp_path, tiny_export, run_cli, monke
             assert resp.outputs["finish_reason"][0] == b"length"
             assert int(resp.outputs["completion_tokens"][0]) == 10
             assert len(texts) > 1 if stream else len(texts) == 1
+        # backpressure: with one slot, execute() returns only once the scheduler took the second
+        # request, i.e. after the first one finished; meanwhile Triton queues what comes next
+        one_slot = tm.TritonPythonModel()
+        cfg1 = dict(cfg, parameters=dict(cfg["parameters"], max_batch={"string_value": "1"}))
+        one_slot.initialize({"model_config": json.dumps(cfg1), "model_repository": str(tmp_path), "model_version": "1"})
+        try:
+            reqs = [_Request(text_input=np.array([prompt.encode()], dtype=object), ignore_eos=np.array([True]),
+                             max_tokens=np.array([200], np.int32)) for _ in range(2)]  # 200 steps: not instant
+            one_slot.execute(reqs)
+            first = [reqs[0].sender.q.get_nowait() for _ in range(reqs[0].sender.q.qsize())]
+            assert first and first[-1][1] == 1  # its final response was already sent
+            assert reqs[1].sender.q.get(timeout=30)[1] == 1
+        finally:
+            one_slot.finalize()
         bad = _Request(text_input=np.array([b"a"], dtype=object), max_tokens=np.array([10_000], np.int32))
         model.execute([bad])
         resp, flags = bad.sender.q.get(timeout=30)
