@@ -1,6 +1,6 @@
 """Runtime on CPU, side by side, one contender per process: our ONNX Runtime session (fp32, fp16,
-int8-weight, int4 when the exporter has it) vs onnxruntime-genai (fp32, int8, int4) vs
-transformers eager fp32.
+int8-weight, int4-rtn: W4A16 round-to-nearest, as genai's int4) vs onnxruntime-genai (fp32, int8,
+int4) vs transformers eager fp32.
 
 ``--model smollm2``: SmolLM2-135M-Instruct (the reference HF folder from the checkpoint zoo).
 ``--model seeded``: a random ~125M LLaMA (hidden 768, 12 layers, 12 heads / 4 KV heads,
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 OURS = {"ours_fp32": ("fp32", None), "ours_fp16": ("fp16", None), "ours_int8_weight": ("fp32", "int8-weight"),
-        "ours_int4": ("fp32", "int4")}
+        "ours_int4": ("fp32", "int4-rtn")}
 GENAI = {"genai_fp32": "fp32", "genai_int8": "int8", "genai_int4": "int4"}
 HF = {"transformers_eager_fp32": "fp32"}
 
@@ -97,7 +97,7 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def build_ours(name: str, ckpt: Path, work: Path) -> tuple[Path | None, str | None]:
-    from llama_trt.exporter.quantize import SCHEMES
+    from llama_trt.quantize.schemes import SCHEME_NAMES as SCHEMES
 
     dtype, scheme = OURS[name]
     out = work / name

@@ -145,7 +145,7 @@ def _session_threads(session: Session) -> int:
 
 
 def bench(session: Session, *, batch: int = 1, prompt_len: int = 64, new_tokens: int = 32, runs: int = 3,
-          warmup: int = 1, seed: int = 0, bandwidth_gib: float | None = 1.0, artifact: str = "") -> BenchResult:
+          warmup: int = 1, seed: int = 0, bandwidth_gib: float | None = 0.25, artifact: str = "") -> BenchResult:
     """Warm up, then ``runs`` greedy generations of ``new_tokens`` from random prompts of ``prompt_len``."""
     if batch < 1 or prompt_len < 1 or new_tokens < 2 or runs < 1:
         raise GenerationError("bench needs batch >= 1, prompt-len >= 1, new-tokens >= 2 and runs >= 1")

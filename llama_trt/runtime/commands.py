@@ -228,8 +228,9 @@ def _chat_turn(chat, message: str) -> None:
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1), help="Timed runs (the median is reported).")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed runs first.")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads (default: physical cores).")
-@click.option("--bandwidth-gib", default=1.0, show_default=True, type=FiniteFloat(0.0, 64.0),
-              help="Size of the array read to measure memory bandwidth (0 = skip).")
+@click.option("--bandwidth-gib", default=0.25, show_default=True, type=FiniteFloat(0.0, 64.0),
+              help="Least size of the array read to measure memory bandwidth (it is at least 4x the "
+                   "last-level cache; 0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @friendly_errors
 def bench_command(artifact, backend, batch, prompt_len, new_tokens, runs, warmup, threads, bandwidth_gib,

@@ -119,7 +119,7 @@ def test_fused_ops_default_on_cpu_and_reported(ort_session, stories_export):
 
 def test_fused_ops_external_data(tiny_exports, tmp_path, monkeypatch):
     """A model whose weights live in an external data file: the rewrite keeps reading them from
-    the export folder (no MatMul packing for them), and writes nothing there."""
+    the export folder (packed MatMuls through a Concat ORT folds at open), and writes nothing there."""
     import shutil
 
     import onnx
@@ -135,5 +135,5 @@ def test_fused_ops_external_data(tiny_exports, tmp_path, monkeypatch):
     onnx.save(m, str(dst / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
               size_threshold=256)
     before = sorted(p.name for p in dst.iterdir())
-    _check_equivalent(dst, 1e-4, packed=False)
+    _check_equivalent(dst, 1e-4)
     assert sorted(p.name for p in dst.iterdir()) == before

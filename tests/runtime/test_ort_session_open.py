@@ -20,7 +20,9 @@ def quantized(stories_export, stories260k, tmp_path_factory):
     out = {}
     for scheme in ("int8-sq", "int8-weight"):
         (root / scheme).mkdir()
-        quantize_folder(stories_export, root / scheme, parse_options(scheme), state_dict=sd)
+        # stories260K misses int8-sq's accuracy target: accepted here, the test is about the warning
+        kw = {"sq_target_kl": 1.0} if scheme == "int8-sq" else {}
+        quantize_folder(stories_export, root / scheme, parse_options(scheme, certify=False, **kw), state_dict=sd)
         out[scheme] = root / scheme
     return out
 

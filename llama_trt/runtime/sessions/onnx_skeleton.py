@@ -37,18 +37,6 @@ def _varint(f) -> int | None:
         shift += 7
 
 
-def _encode_varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _fields(f, end: int):
     """Yield (field number, wire type, tag bytes, payload start, payload end) up to ``end``;
     the caller may read or skip the payload (the generator seeks past it)."""

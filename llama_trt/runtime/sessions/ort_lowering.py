@@ -23,8 +23,9 @@ packed into one MatMul + Split. On the 124.7M benchmark model ORT executes 176 n
 decode step instead of 984 (49 MatMuls instead of 97 + 12 FusedMatMul); timings in
 benchmarks/RESULTS.md.
 
-A block that does not match the expected pattern is left as it is. Nothing is written to
-the export folder: the session loads the rewritten model from bytes.
+A block that does not match the expected pattern is left as it is. The pass runs on the
+graph without its weights (:mod:`.onnx_skeleton`); :mod:`.ort_cache` keeps the result per
+export, outside the export folder, and ONNX Runtime reads the weights from the export's file.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class OrtLoweringReport:
     attention_3d: int = 0              # Attention nodes fed [B, S, H*D] directly (no head transposes)
     skip_norm: int = 0                 # Add + norm pairs -> SkipSimplifiedLayerNormalization
     packed_matmuls: str = ""           # "a -> b": MatMuls sharing an input packed into one + Split
+    unshared_quantized: int = 0        # quantized weights also read by another node: DQ given its own entry
     nodes_before: int = 0
     nodes_after: int = 0
     notes: list[str] = field(default_factory=list)
@@ -61,6 +63,8 @@ class OrtLoweringReport:
             "Attention on [batch, seq, heads*head_dim] (head Reshape/Transpose removed)": self.attention_3d,
             "SkipSimplifiedLayerNormalization(com.microsoft)": self.skip_norm,
             "MatMuls with one input and constant weights packed (+ Split)": self.packed_matmuls or "off",
+            "quantized weights shared with another reader, DequantizeLinear given its own entry":
+                self.unshared_quantized,
             "graph_nodes": f"{self.nodes_before} -> {self.nodes_after} (function bodies counted inlined)",
             **({"notes": self.notes} if self.notes else {}),
         }
@@ -94,6 +98,7 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
     if simplified_layer_norm:
         _to_simplified_layer_norm(out)
         report.skip_norm = _fuse_skip_norm(out)
+    report.unshared_quantized = _unshare_quantized_weights(out)
     if pack_matmuls:
         report.packed_matmuls = _pack_matmuls(out)
     _remove_dead_nodes(out)
@@ -255,7 +260,10 @@ def _last_shape_entry(G: "_Graph", shape_name: str, rank: int):
 
 def _pack_matmuls(model) -> str:
     """MatMuls reading the same activation with constant 2D weights (q/k/v; gate/up) -> one MatMul
-    over the weights concatenated along N, then Split: one weight pass per group."""
+    over the weights concatenated along N, then Split: one weight pass per group. Weights held in
+    the graph are concatenated here; weights left in the export's file (external data) get a
+    ``Concat`` node instead, which ONNX Runtime folds into one constant at session open, so no
+    second copy of them is written anywhere."""
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import uses_external_data
 
@@ -264,25 +272,27 @@ def _pack_matmuls(model) -> str:
     groups: dict[str, list] = {}
     for n in g.node:
         w = inits.get(n.input[1]) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") else None
-        # weights in an external data file are left alone: packing would pull them into the proto
-        if w is not None and len(w.dims) == 2 and not uses_external_data(w):
+        if w is not None and len(w.dims) == 2:
             groups.setdefault(n.input[0], []).append(n)
     before = sum(len(v) for v in groups.values())
     replace: dict[int, list] = {}
     drop: set[int] = set()
     for x, mms in groups.items():
-        if len(mms) < 2:
-            continue
-        ws = [numpy_helper.to_array(inits[m.input[1]]) for m in mms]
-        if len({w.shape[0] for w in ws}) != 1 or len({w.dtype for w in ws}) != 1:
+        ws = [inits[m.input[1]] for m in mms]
+        if len(mms) < 2 or len({w.dims[0] for w in ws}) != 1 or len({w.data_type for w in ws}) != 1:
             continue
         k = len(replace)
         wname, yname = f"llama_trt.packed_weight.{k}", f"llama_trt.packed_matmul.{k}"
-        g.initializer.append(numpy_helper.from_array(np.concatenate(ws, axis=1), wname))
         sizes = f"{yname}.split"
-        g.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in ws], dtype=np.int64), sizes))
+        g.initializer.append(numpy_helper.from_array(np.array([w.dims[1] for w in ws], dtype=np.int64), sizes))
+        nodes = []
+        if any(uses_external_data(w) for w in ws):
+            nodes.append(helper.make_node("Concat", [w.name for w in ws], [wname], name=wname, axis=1))
+        else:
+            arrays = [numpy_helper.to_array(w) for w in ws]
+            g.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), wname))
         # placed where the first of the group was: every MatMul of the group reads only x
-        replace[id(mms[0])] = [
+        replace[id(mms[0])] = nodes + [
             helper.make_node("MatMul", [x, wname], [yname], name=yname),
             helper.make_node("Split", [yname, sizes], [m.output[0] for m in mms], name=yname + ".split", axis=-1),
         ]
@@ -291,6 +301,34 @@ def _pack_matmuls(model) -> str:
         return f"{before} -> {before}"
     _splice(g, replace, drop)
     return f"{before} -> {before - len(drop)}"
+
+
+def _unshare_quantized_weights(model) -> int:
+    """A quantized weight read by a ``DequantizeLinear`` and by another node (an int4 export's tied
+    table: the lm head's DQ and the embedding's ``Gather``) keeps ONNX Runtime from fusing DQ +
+    MatMul into ``MatMulNBits``: it then dequantizes the whole table every step (80% of an int4
+    SmolLM2 decode step). The DQ gets its own initializer entry; for a weight left in the export
+    file that entry references the same bytes, so nothing is copied on disk."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    done = 0
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
+        shared = [i for i, name in enumerate(dq.input) if name in inits
+                  and any(r is not dq for r in readers.get(name, []))]
+        if not shared or dq.input[0] not in inits:
+            continue
+        for i in shared:  # weight, scale and zero point alike (a Gather may read all three)
+            alias = type(inits[dq.input[i]])()
+            alias.CopyFrom(inits[dq.input[i]])
+            alias.name = f"{dq.input[i]}.{dq.name or dq.output[0]}"
+            g.initializer.append(alias)
+            dq.input[i] = alias.name
+        done += 1
+    return done
 
 
 def _splice(g, replace: dict[int, list] | None = None, drop=()) -> None:
