@@ -63,8 +63,8 @@ def test_real_model_demo_answers_in_english(tmp_path, smollm2_hf):
     summary = run_demo(out, size="smollm2", engines=False, questions=("What is the capital of France?",))
     assert summary.passed, summary.rows
     rows = {r.artifact: r for r in summary.rows}
-    assert set(rows) == {"onnx-fp16", "onnx-int8-weight"}
-    assert rows["onnx-int8-weight"].size_bytes < 0.75 * rows["onnx-fp16"].size_bytes
+    assert set(rows) == {"onnx-fp16", "onnx-int4-awq"}
+    assert rows["onnx-int4-awq"].size_bytes < 0.5 * rows["onnx-fp16"].size_bytes
     (answer,) = summary.chat
     assert "Paris" in answer.transformers  # the reference itself knows it
     assert "Paris" in answer.ours, answer
