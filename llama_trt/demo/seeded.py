@@ -94,7 +94,7 @@ def run_seeded(out: Path, *, size: str, console, stage, started: float, steps: i
     stage("1/6 seeded LLaMA (GQA) + BPE tokenizer trained on built-in text")
     ckpt = make_demo_checkpoint(out / "checkpoint", size=size)
     plans = {"onnx-fp32": dict(dtype="fp32"), "onnx-fp16": dict(dtype="fp16"),
-             "onnx-int8": dict(dtype="fp32", quantize="int8-weight")}
+             "onnx-int8": dict(dtype="fp32", quantize="int8-weight", certify=False)}
     exports = export_all(ckpt, out, plans, lambda m: stage(f"2/6 {m}"))
     reports = validate_all(exports, ckpt, out, lambda m: stage(f"3/6 {m}"), console, steps=steps,
                            tolerances=SEEDED_TOLERANCES)
