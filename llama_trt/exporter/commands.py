@@ -30,7 +30,8 @@ from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, QUANTIZE_SCHEMES, FiniteFl
 @click.option("--quantize-embeddings/--no-quantize-embeddings", default=None,
               help="Quantize the token embedding table (default: no).")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=None,
-              help="Quantize the lm head (default: no; a tied head then shares its stored copy with the embedding).")
+              help="Quantize the lm head at the scheme's bits (default: float for int8 schemes, int8 for int4 "
+                   "schemes; a tied head shares one stored copy with the embedding either way).")
 @click.option("--quantize-exclude", "quantize_exclude", multiple=True, metavar="PATTERN",
               help="Keep linear layers matching this glob in float (e.g. 'model.layers.0.*'). Repeatable.")
 @click.option("--sq-alpha", type=FiniteFloat(0.0, 1.0), default=None, help="SmoothQuant migration strength in [0, 1] (default 0.5).")
@@ -38,7 +39,7 @@ from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, QUANTIZE_SCHEMES, FiniteFl
               help="int8-sq: highest KL vs fp32 accepted before refusing (default: the int8-sq gate, 0.02).")
 @click.option("--no-certify", is_flag=True, help="Skip the accuracy certificate after a quantized export.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
-              help="Calibration data for int8-sq / int4-awq: text (needs the checkpoint's tokenizer) or token ids "
+              help="Calibration data for int8-sq / int4-awq / int8-weight's AWQ scaling: text (needs the checkpoint's tokenizer) or token ids "
                    "(.npy, or .txt of comma/space separated ints). Default: the model's own sampled text.")
 @click.option("--calib-samples", type=click.IntRange(1), default=None, help="Calibration sequences (default 16, 64 tokens each).")
 @friendly_errors

@@ -27,7 +27,7 @@ from ..errors import ExportError
 from .calibration import CalibrationData, builtin_calibration, load_calibration_file
 from .graph import GraphInfo, LinearSite, _digest, _init_array, analyse_graph, check_no_float_copies, \
     inspect_quantized
-from .qdq import add_weight_dq, gather_from_head, gather_int8_rows, replace_with_dq
+from .qdq import add_weight_dq, gather_from_head, gather_int8_rows, replace_with_dq, store_fp16
 from .report import Progress
 from .schemes import QuantizeOptions
 from .weights import quantize_blocked
@@ -324,7 +324,8 @@ def _embedding(model, info: GraphInfo, sites, options) -> tuple[list[str], str]:
     if options.embeddings:
         add_weight_dq(model, table, axis=0)
         return [], "int8 per-row"
-    return [table], "float" + (" (tied: the lm head reads it through Transpose)" if info.tied_head else "")
+    store_fp16(model, table)
+    return [table], "fp16 on disk, Cast to fp32" + (" (tied: the lm head reads it too)" if info.tied_head else "")
 
 
 def export_quantized(checkpoint, out_dir, options: QuantizeOptions, *, dtype: str = "fp32", opset: int = 23,

@@ -39,7 +39,8 @@ more to the same rounding (the 135M SmolLM2 here, ~3x):
 * int4 (awq / rtn, W4A16): KL <= 0.35, top-1 >= 68%, p99 <= 3.2, ppl <= 1.35. Honest for a
   135M model, not a promise of near-lossless 4-bit: SmolLM2-135M measured (2,765 tokens, ORT
   CPU, loaded shared machine) int4-awq g64 KL 0.275, p99 2.89, top-1 71.4%, ppl x1.27 (passes
-  with ~25% headroom on KL) and int4-rtn g64 KL 0.61, p99 3.33, top-1 57.6%, ppl x1.55 (fails
+  with ~25% headroom on KL; g32 + zero points: KL 0.152, top-1 79.2%) and int4-rtn g64 KL 0.61,
+  p99 3.33, top-1 57.6%, ppl x1.55 (fails
   every gate): the gate tells AWQ-quality int4 from plain rounding and from breakage. Larger
   models lose far less (8B 4-bit: KL ~0.03-0.05 above); tighten with ``--tol`` for them.
 

@@ -85,21 +85,22 @@ def _big_float_matrices(model, vocab, hidden):
 
 @pytest.mark.parametrize("scheme", ["int8-weight", "int4-rtn"])
 def test_tied_embedding_is_stored_once(quantized, tied_fp32, scheme):
-    """Default head: float for int8-weight (the table read through a Transpose), int8 per-channel for
+    """Default head: float for int8-weight (the fp16-stored table, Cast, read through a Transpose), int8 per-channel for
     int4 (embedding rows gathered from its integers); --quantize-lm-head: the scheme's own bits."""
     int4 = scheme.startswith("int4")
     kw = {"group_size": 32} if int4 else {}
     base = _big_float_matrices(onnx.load(str(tied_fp32 / "model.onnx")), 128, 64)
     assert len(base) == 2  # the fp32 export holds the table and its constant-folded transpose
-    for opt, dtype in ((None, TensorProto.INT8 if int4 else TensorProto.FLOAT),
+    for opt, dtype in ((None, TensorProto.INT8 if int4 else TensorProto.FLOAT16),
                        (True, TensorProto.INT4 if int4 else TensorProto.INT8)):
         folder, manifest = quantized(scheme, quantize_lm_head=opt, **kw)
         model = _load(folder)
         mats = _big_float_matrices(model, 128, 64)
         assert len(mats) == 1 and mats[0].data_type == dtype, (opt, [(m.name, m.data_type) for m in mats])
         gather = next(n for n in model.graph.node if n.op_type == "Gather" and "input_ids" in n.input)
-        assert gather.input[0] == mats[0].name or gather.input[0].endswith("_DequantizeLinear_Output")
-        assert ("lm_head" in manifest.quantization["quantized"]) == (dtype != TensorProto.FLOAT)
+        assert gather.input[0] in (mats[0].name, f"{mats[0].name}_fp32") or \
+            gather.input[0].endswith("_DequantizeLinear_Output")
+        assert ("lm_head" in manifest.quantization["quantized"]) == (dtype != TensorProto.FLOAT16)
 
 
 def test_dq_reference_equals_numpy_and_torch_fake_quant():
