@@ -24,7 +24,8 @@ def test_create_tiny_then_info_json(tmp_path):
     h, i, v, L, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_layers"], cfg["head_dim"]
     per_layer = 2 * h * 4 * d + 2 * h * 2 * d + 3 * h * i + 2 * h
     assert info["parameters"] == 2 * v * h + L * per_layer + h
-    assert info["bytes"] == {"fp32": 4 * info["parameters"], "fp16": 2 * info["parameters"], "int8": info["parameters"]}
+    n = info["parameters"]
+    assert info["bytes"] == {"fp32": 4 * n, "fp16": 2 * n, "int8": n, "int4": n // 2}
 
 
 def test_info_table(stories260k):
