@@ -8,14 +8,17 @@ the CPU, checked against transformers in float32 (the independent reference).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
-pytest.importorskip("transformers")
+# find_spec, not importorskip: importing triton here, at collection, would keep
+# tests/plugins/test_kernels.py from setting TRITON_INTERPRET=1 before triton's first import.
+if importlib.util.find_spec("triton") is None or importlib.util.find_spec("transformers") is None:
+    pytest.skip("needs triton and transformers (the kernels and kernels/dev extras)", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[2]
 
