@@ -123,7 +123,9 @@ _ELEMENTWISE = {
     # logits: onnxruntime's llama parity script (fp32 1e-3, fp16 5e-1).
     "fp32": {"": (1e-3, 1e-3), "logits": (1e-3, 1e-3)},
     "fp16": {"": (1e-1, 1e-1), "logits": (5e-1, 5e-1)},
-    "quantized": {"": (1.0, 1.0), "logits": (3.0, 1.0)},
+    # int8: ONNX Runtime's default MatMulNBits path also rounds activations to int8 (stories260K:
+    # logits max abs 3.4), so 5; breakage moves logits by their own range.
+    "quantized": {"": (1.0, 1.0), "logits": (5.0, 1.0)},
     # int4 (W4A16) moves logits and KV about 3x as far as int8 (SmolLM2 int4-awq g64: logits max abs
     # 9.3, KV 3.2 over the feeds, with KL 0.27); breakage (a wrong block axis or scale) moves them by
     # the logits' own range, which the certificate catches first in any case.

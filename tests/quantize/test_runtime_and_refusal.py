@@ -38,7 +38,9 @@ def _logits(folder, ids):
     from llama_trt.runtime import open_session, resolve_artifact
     from llama_trt.validate.teacher_forced import session_logits_fn
 
-    session = open_session(resolve_artifact(folder), "onnxruntime", threads=1)
+    # accuracy level 1: MatMulNBits in fp32, the graph's own semantics (the default, 4, rounds
+    # activations to int8 for speed; the certificate measures that default)
+    session = open_session(resolve_artifact(folder), "onnxruntime", threads=1, nbits_accuracy_level=1)
     try:
         return session_logits_fn(session)(ids), session.describe()
     finally:

@@ -106,7 +106,7 @@ class OrtSession(Session):
     def __init__(self, onnx_path, config: LlamaConfig, max_context: int, *, threads: int | None = None,
                  providers: list[str] | None = None, kv_mode: str = "prealloc", fused_ops: bool | None = None,
                  allow_spinning: bool = True, cache_dir: Path | None = None, cache: bool = True,
-                 warn: bool = True, **_ignored) -> None:
+                 warn: bool = True, nbits_accuracy_level: int = 4, **_ignored) -> None:
         super().__init__(config, max_context)
         try:
             import onnxruntime as ort
@@ -128,10 +128,12 @@ class OrtSession(Session):
         # spinning workers wait faster on a quiet machine and waste shared cores on a busy one
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         self.allow_spinning = bool(allow_spinning)
-        # ORT CPU fuses DequantizeLinear(int8 / int4 blocked) -> MatMul into MatMulNBits, whose
-        # default accuracy level quantizes the activations to int8 on the fly (SmolLM2 int8-weight:
-        # KL 0.0035 -> 0.0085). Level 1 computes in fp32, the graph's own semantics.
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        # ORT CPU fuses DequantizeLinear(int8 / int4 blocked) -> MatMul into MatMulNBits. Level 4
+        # (ORT's and onnxruntime-genai's default) quantizes the activations to int8 on the fly: fast
+        # (SmolLM2 int4 89 tok/s, int8-weight 62 on 2 threads) at some accuracy (int8-weight KL
+        # 0.0029 -> ~0.008). Level 1 computes in fp32, the graph's own semantics, but ORT 1.32's
+        # x86 kernels then dequantize per call: 6-8 tok/s, slower than fp32. So 4 by default.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(int(nbits_accuracy_level)))
         self._so = so
         providers = list(providers) if providers else default_providers(ort)
         # the fused kernels are verified on CPU only: default on there, opt-in elsewhere
