@@ -128,12 +128,39 @@ def halve_float_weights(model, min_elements: int = MIN_TABLE_ELEMENTS) -> HalfWe
             n_tables += 1
             half.update(n.output[0] for n, _ in readers if n.op_type == "Transpose")
 
+    n_tables += _unwrap_fp16_tables(graph, inits, consumers, half, min_elements)
     counts = _insert_casts(graph, half, helper)
     if half:
         keep = [vi for vi in graph.value_info if vi.name not in half]
         del graph.value_info[:]
         graph.value_info.extend(keep)
     return HalfWeights(n_dq, counts["MatMul"], counts["Gather"], n_tables, saved)
+
+
+def _unwrap_fp16_tables(graph, inits, consumers, half: set[str], min_elements: int) -> int:
+    """A table the export already stores fp16 behind ``Cast(to=float)`` (int8 schemes keep the
+    tied table so): its readers take the fp16 initializer directly (the Cast goes), so TensorRT
+    does not fold the Cast into a second, fp32 copy of the table."""
+    n = 0
+    for node in list(graph.node):
+        if node.op_type != "Cast" or not node.input or node.input[0] not in inits:
+            continue
+        init = inits[node.input[0]]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if init.data_type != _FLOAT16 or to != _FLOAT or len(init.dims) != 2 or int(np.prod(init.dims)) < min_elements:
+            continue
+        readers = consumers.get(node.output[0], ())
+        if not readers or not all(_plain_reader(r, i, consumers) for r, i in readers):
+            continue
+        for reader, i in readers:
+            reader.input[i] = init.name
+            consumers.setdefault(init.name, []).append((reader, i))
+            if reader.op_type == "Transpose":
+                half.add(reader.output[0])
+        graph.node.remove(node)
+        half.add(init.name)
+        n += 1
+    return n
 
 
 def _insert_casts(graph, half: set[str], helper) -> dict[str, int]:

@@ -36,8 +36,11 @@ def test_half_weight_path_keeps_logits_and_io(tied_exports, scheme):
 
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     g = model.graph
-    tables = {i.name for i in g.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
-              and np.prod(i.dims) >= 1 << 16}
+    big = lambda dtype: {i.name for i in g.initializer if i.data_type == dtype and len(i.dims) == 2  # noqa: E731
+                         and np.prod(i.dims) >= 1 << 16}
+    # a table stored fp32, or stored fp16 and read through Cast(to=float) (int8 schemes' tied table)
+    tables = big(TensorProto.FLOAT) | {n.output[0] for n in g.node
+                                       if n.op_type == "Cast" and n.input[0] in big(TensorProto.FLOAT16)}
     transposed = {n.output[0] for n in g.node if n.op_type == "Transpose" and n.input[0] in tables}
     weights = {n.output[0] for n in dqs} | tables | transposed
     assert report.dequantize == len(dqs) > 0
