@@ -7,6 +7,10 @@ def _fmt(v, suffix: str = "") -> str:
     return "-" if v is None else f"{v}{suffix}"
 
 
+def _no_report(st: dict, log: str) -> str:
+    return f"no report (returncode {st['returncode']}, timed out: {st['timed_out']}); see {log}"
+
+
 def _tests_md(st: dict) -> list[str]:
     line = (f"passed {st.get('passed', '?')}, failed {st.get('failures', '?')}, errors {st.get('errors', '?')}, "
             f"skipped {st.get('skipped', '?')} ({st['seconds']} s{', TIMED OUT' if st['timed_out'] else ''})")
@@ -19,7 +23,7 @@ def _bench_md(st: dict) -> list[str]:
     out = ["## b. Kernel benchmark", ""]
     rep = st.get("report")
     if not rep:
-        return out + [f"no report (returncode {st['returncode']}, timed out: {st['timed_out']}); see bench.log"]
+        return out + [_no_report(st, "bench.log")]
     copy = rep["copy_bandwidth"]
     out += [f"{rep['device']}; {rep['method']}; {rep['tokens']} tokens; copy bandwidth {copy['gbs']} GB/s", "",
             "| kernel | dtype | hidden x heads x head_dim | Triton ms | GB/s | of copy BW | x eager | x compile |",
@@ -39,7 +43,7 @@ def _model_md(st: dict) -> list[str]:
     out = ["## c. Torch backend with the Triton kernels", ""]
     rep = st.get("report")
     if not rep:
-        return out + [f"no report (returncode {st['returncode']}, timed out: {st['timed_out']}); see model.log"]
+        return out + [_no_report(st, "model.log")]
     out += [f"{rep['model']}; {rep['device']}; reference: {rep['reference']}; {rep['new_tokens']} new tokens", "",
             "| dtype | greedy = ref | matching prefix | ref margin at divergence | teacher-forced top-1 | "
             "batch | ours tok/s | transformers eager tok/s | x |",

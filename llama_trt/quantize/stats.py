@@ -16,12 +16,10 @@ import numpy as np
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
-def activation_absmax(model, manifest, batches, tensors, on_batch=None) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor in ``tensors`` over the calibration batches."""
+def _probe_session(model, tensors):
+    """An ONNX Runtime CPU session of ``model`` (not modified) with ``tensors`` as extra outputs."""
     import onnx
     import onnxruntime as ort
-
-    from ..exporter.feeds import build_feeds
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -31,8 +29,14 @@ def activation_absmax(model, manifest, batches, tensors, on_batch=None) -> dict[
             m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del m
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def activation_absmax(model, manifest, batches, tensors, on_batch=None) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each tensor in ``tensors`` over the calibration batches."""
+    from ..exporter.feeds import build_feeds
+
+    sess = _probe_session(model, tensors)
     out: dict[str, np.ndarray] = {}
     for ids in batches:
         vals = sess.run(list(tensors), build_feeds(manifest, ids))
@@ -77,28 +81,13 @@ def linear_inputs(torch_model, batches, names, *, max_rows: int = 512, seed: int
     return {k: torch.cat(v)[torch.from_numpy(pick)].numpy() for k, v in chunks.items()}
 
 
-
-
-
 def capture_tensors(model, manifest, batches, tensors, *, max_rows: int = 512,
                     seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Rows ``[<= max_rows, C]`` of graph tensors (last axis kept) over the batches (ONNX Runtime),
     and each tensor's max |x| over all rows."""
-    import onnx
-    import onnxruntime as ort
-
     from ..exporter.feeds import build_feeds
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del m
+    sess = _probe_session(model, tensors)
     parts: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for ids in batches:
         for t, v in zip(tensors, sess.run(list(tensors), build_feeds(manifest, ids))):
