@@ -67,13 +67,14 @@ def chat_answers(export_dir: Path, ckpt: Path, questions, console) -> list[ChatA
             ids = tokenizer.encode_chat(messages)
             result = generate(session, ids, GenerationConfig(max_new_tokens=CHAT_TOKENS), tokenizer)
             answer = ChatAnswer(question, (result.text or "").strip(), ref_text.strip(),
-                                _strip_eos(result.token_ids) == _strip_eos(ref_ids))
+                                _compared_tokens(result.token_ids) == _compared_tokens(ref_ids))
             console.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {answer.ours}")
             answers.append(answer)
     return answers
 
 
-def _strip_eos(ids) -> list[int]:
+def _compared_tokens(ids) -> list[int]:
+    """The first CHAT_TOKENS - 1 ids (a final eos, where one ended the answer, counts as a token)."""
     return [int(i) for i in ids][: CHAT_TOKENS - 1]
 
 
