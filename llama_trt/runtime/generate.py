@@ -182,7 +182,7 @@ class _Run:
 
         t0 = time.perf_counter()
         s.reset(b, width + cfg.max_new_tokens)
-        logits = s.prefill(ids, mask, pos)[:, -1, :]
+        logits = s.prefill(ids, mask, pos, last_only=True)[:, -1, :]
         tok = sample_next(logits, rng, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           repetition_penalty=cfg.repetition_penalty, seen=seen)
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -192,7 +192,7 @@ class _Run:
             while not all(self.finish):
                 mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
                 step_pos = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
-                logits = s.step(tok[:, None].astype(np.int64), mask, step_pos)[:, -1, :]
+                logits = s.step(tok[:, None].astype(np.int64), mask, step_pos, last_only=True)[:, -1, :]
                 tok = sample_next(logits, rng, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                   repetition_penalty=cfg.repetition_penalty, seen=seen)
                 self.steps += 1

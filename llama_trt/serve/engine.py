@@ -508,7 +508,7 @@ class Engine:
             mask = chunk
         else:
             mask = np.concatenate([self._mask, chunk], axis=1)
-        logits = sess.step(ids, mask, pos)[:, -1, :]
+        logits = sess.step(ids, mask, pos, last_only=True)[:, -1, :]
         self._mask = mask
         for i, f in feeds.items():
             self._npos[i] += len(f)

@@ -69,11 +69,11 @@ class GatedSession:
     def reset(self, batch, capacity=None):
         return self.inner.reset(batch, capacity)
 
-    def step(self, ids, mask, pos):
+    def step(self, ids, mask, pos, **kw):
         self.gate.wait(30)
         if self.delay:
             time.sleep(self.delay)
-        return self.inner.step(ids, mask, pos)
+        return self.inner.step(ids, mask, pos, **kw)
 
     def describe(self):
         return self.inner.describe()

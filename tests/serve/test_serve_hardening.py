@@ -121,10 +121,10 @@ def test_a_step_failing_on_a_newcomer_spares_the_running_rows(own_engine):
     eng = own_engine
 
     class Poisoned(GatedSession):
-        def step(self, ids, mask, pos):
+        def step(self, ids, mask, pos, **kw):
             if (ids == 9).sum() >= 3:  # the newcomer's prompt breaks the step
                 raise RuntimeError("simulated kernel failure")
-            return super().step(ids, mask, pos)
+            return super().step(ids, mask, pos, **kw)
 
     eng.session = Poisoned(eng.session, delay=0.01)
     eng.start()

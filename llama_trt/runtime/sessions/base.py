@@ -5,6 +5,7 @@ A session owns one model and its KV cache. Generation drives it with numpy only:
     session.reset(batch, capacity)          # optional: prefill resets too
     logits = session.prefill(ids, mask, pos)  # [batch, seq, vocab] float32, past = 0
     logits = session.step(ids, mask, pos)     # [batch, seq, vocab], past = tokens so far
+    logits = session.step(ids, mask, pos, last_only=True)  # [batch, 1, vocab]: what generation needs
 
 ``attention_mask`` always covers past + new tokens (1 = attend, left padding = 0);
 ``position_ids`` are cumsum(mask) - 1 clamped at 0, as in the ONNX IO contract.
@@ -56,16 +57,18 @@ class Session(abc.ABC):
     def _reset(self, batch: int, capacity: int) -> None: ...
 
     # ---- forward ---------------------------------------------------------------
-    def prefill(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+    def prefill(self, input_ids, attention_mask, position_ids, *, last_only: bool = False) -> np.ndarray:
         """Start new sequences (past = 0): resets the cache if it holds anything."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         b = input_ids.shape[0]
         if self.past_len or self.batch != b:
             self.reset(b, self.capacity if self.batch == b else None)
-        return self.step(input_ids, attention_mask, position_ids)
+        return self.step(input_ids, attention_mask, position_ids, last_only=last_only)
 
-    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
-        """Run new tokens on top of the cache; returns float32 logits [batch, seq, vocab]."""
+    def step(self, input_ids, attention_mask, position_ids, *, last_only: bool = False) -> np.ndarray:
+        """Run new tokens on top of the cache; returns float32 logits [batch, seq, vocab], or
+        [batch, 1, vocab] for the last position only with ``last_only`` (all generation needs;
+        a backend that can skips the lm head for the other positions)."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
@@ -84,13 +87,15 @@ class Session(abc.ABC):
             raise GenerationError(
                 f"{total} tokens exceed the KV cache capacity of {self.capacity} (context {self.max_context})"
             )
-        logits = self._forward(input_ids, attention_mask, position_ids)
+        logits = self._forward(input_ids, attention_mask, position_ids, last_only=bool(last_only))
         self.past_len = total
         return logits
 
     @abc.abstractmethod
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run the model and advance the cache by seq tokens; float32 logits [batch, seq, vocab]."""
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, *,
+                 last_only: bool = False) -> np.ndarray:
+        """Run the model and advance the cache by seq tokens; float32 logits [batch, seq, vocab]
+        ([batch, 1, vocab] with ``last_only``)."""
 
     # ---- reporting -------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

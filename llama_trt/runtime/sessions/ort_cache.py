@@ -54,10 +54,10 @@ class SessionGraph:
 
 def _source_digest() -> str:
     from ...trt_engines import lowering as trt_lowering
-    from . import onnx_skeleton, ort_lowering
+    from . import onnx_skeleton, ort_gqa, ort_lowering, ort_pack
 
     h = hashlib.sha256()
-    for mod in (onnx_skeleton, ort_lowering, trt_lowering):
+    for mod in (onnx_skeleton, ort_gqa, ort_lowering, ort_pack, trt_lowering):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 
@@ -87,7 +87,7 @@ def _build(onnx_path: Path, rope_context: int, fused: bool) -> tuple[bytes, bool
     if why is not None:
         return model.SerializeToString(), False, f"off: {why}"
     try:
-        lowered, report = lower_for_ort(model, rope_context)
+        lowered, report = lower_for_ort(model, rope_context, weights_dir=Path(onnx_path).resolve().parent)
     except Exception as e:  # noqa: BLE001 - an unexpected graph: run it as exported
         return model.SerializeToString(), False, f"off: rewrite failed ({type(e).__name__}: {str(e).splitlines()[0]})"
     del lowered.graph.value_info[:]  # shapes recorded for the replaced nodes no longer hold

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from .ort_gqa import attention_to_gqa, kv_layout
+from .ort_pack import drop_zero_int8_zero_points, pack_quantized_matmuls
 from ...trt_engines.lowering import (
     MIN_NATIVE_OPSET, LoweringOptions, _constant_values, _drop_unused, _names_read, count_fused_nodes,
     default_opset, lower_model,
@@ -51,6 +53,11 @@ class OrtLoweringReport:
     skip_norm: int = 0                 # Add + norm pairs -> SkipSimplifiedLayerNormalization
     packed_matmuls: str = ""           # "a -> b": MatMuls sharing an input packed into one + Split
     unshared_quantized: int = 0        # quantized weights also read by another node: DQ given its own entry
+    packed_quantized: str = ""         # "a -> b": quantized MatMuls sharing an input packed into one + Split
+    zero_points_dropped: int = 0       # all-zero int8 zero points removed (symmetric MatMulNBits)
+    group_query_attention: int = 0     # attention blocks -> GroupQueryAttention on an in-place KV cache
+    kv_layout: str = "concat"          # "shared-buffer" when every block is GroupQueryAttention
+    logits_index: bool = False         # the lm head reads only the positions fed in LOGITS_INDEX
     nodes_before: int = 0
     nodes_after: int = 0
     notes: list[str] = field(default_factory=list)
@@ -65,6 +72,11 @@ class OrtLoweringReport:
             "MatMuls with one input and constant weights packed (+ Split)": self.packed_matmuls or "off",
             "quantized weights shared with another reader, DequantizeLinear given its own entry":
                 self.unshared_quantized,
+            "quantized MatMuls with one input packed (+ Split)": self.packed_quantized or "off",
+            "all-zero int8 zero points dropped (symmetric MatMulNBits)": self.zero_points_dropped,
+            "GroupQueryAttention(com.microsoft, RoPE inside, KV cache updated in place)": self.group_query_attention,
+            "kv_layout": self.kv_layout,
+            f"lm head on the positions in input {LOGITS_INDEX!r} only": self.logits_index,
             "graph_nodes": f"{self.nodes_before} -> {self.nodes_after} (function bodies counted inlined)",
             **({"notes": self.notes} if self.notes else {}),
         }
@@ -83,8 +95,11 @@ def _inlined_node_count(model) -> int:
 
 
 def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified_layer_norm: bool = True,
-                  pack_matmuls: bool = True):
-    """Return ``(rewritten copy, OrtLoweringReport)``; ``model`` is not modified."""
+                  pack_matmuls: bool = True, group_query_attention: bool = True, weights_dir=None):
+    """Return ``(rewritten copy, OrtLoweringReport)``; ``model`` is not modified.
+
+    ``weights_dir``: where the model's external weights lie (quantized projections are packed
+    from their values; without it they stay as they are)."""
     report = OrtLoweringReport(nodes_before=_inlined_node_count(model))
     counts = count_fused_nodes(model)
     out, _routes = lower_model(model, LoweringOptions(max_context=int(max_context), rms_norm_native=True))
@@ -101,10 +116,69 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
     report.unshared_quantized = _unshare_quantized_weights(out)
     if pack_matmuls:
         report.packed_matmuls = _pack_matmuls(out)
+        if weights_dir is not None or not _has_external(out):
+            report.zero_points_dropped = drop_zero_int8_zero_points(out, weights_dir)
+            report.packed_quantized = pack_quantized_matmuls(out, weights_dir)
+    if attention and group_query_attention and report.attention:
+        _remove_dead_nodes(out)  # the per-head reshapes _attention_3d bypassed still read q/k/v
+        report.group_query_attention, why = attention_to_gqa(out, _head_dim(out))
+        if why:
+            report.notes.append(f"GroupQueryAttention not used: {why}")
+        report.kv_layout = kv_layout(out)
+    report.logits_index = _logits_index(out)
     _remove_dead_nodes(out)
     _drop_unused(out)
     report.nodes_after = _inlined_node_count(out)
     return out, report
+
+
+LOGITS_INDEX = "llama_trt.logits_index"
+
+
+def _logits_index(model) -> bool:
+    """Put ``Gather(hidden, LOGITS_INDEX, axis=1)`` before the lm head MatMul and make the index a
+    graph input: generation needs the last position's logits only, and the head is the largest
+    GEMM of a prefill (SmolLM2: 49152 x 576 per position). The session feeds ``arange(seq)`` for
+    every position, or ``[seq - 1]``."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    node = producer.get("logits")
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return False
+    hidden = node.input[0]
+    picked = f"{hidden}.{LOGITS_INDEX}"
+    gather = helper.make_node("Gather", [hidden, LOGITS_INDEX], [picked], name=picked, axis=1)
+    nodes = []
+    for n in g.node:
+        if n is node:
+            nodes.append(gather)
+        nodes.append(n)
+    node.input[0] = picked
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.append(helper.make_tensor_value_info(LOGITS_INDEX, TensorProto.INT64, ["logits_positions"]))
+    for out in g.output:
+        if out.name == "logits" and out.type.tensor_type.shape.dim:
+            out.type.tensor_type.shape.dim[1].dim_param = "logits_positions"
+    return True
+
+
+def _has_external(model) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def _head_dim(model) -> int | None:
+    for vi in model.graph.input:
+        if vi.name.startswith("past_key_values.") and vi.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            return (dims[3].dim_value or None) if len(dims) == 4 else None
+    return None
 
 
 def _to_simplified_layer_norm(model) -> None:
@@ -568,4 +642,4 @@ def _remove_dead_nodes(model) -> None:
         g.node.extend(nodes)
 
 
-__all__ = ["OrtLoweringReport", "can_lower", "lower_for_ort"]
+__all__ = ["LOGITS_INDEX", "OrtLoweringReport", "can_lower", "lower_for_ort"]

@@ -47,6 +47,9 @@ from ...errors import BackendUnavailableError
 from ..artifact import Artifact, ArtifactError
 from .base import Session, physical_cores
 from .ort_cache import SessionGraph, session_graph
+from .ort_gqa import SHARED
+from .ort_lowering import LOGITS_INDEX
+from .ort_shared_kv import SharedKV, bind_logits_index
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -142,6 +145,10 @@ class OrtSession(Session):
         self.graph = self._session_graph(max_context, fused_ops, cache_dir, cache)
         self.fused_ops = self.graph.fused
         self.fused_ops_report = self.graph.report
+        report = self.graph.report if isinstance(self.graph.report, dict) else {}
+        # a GroupQueryAttention graph updates its cache in place: one buffer per layer (ort_shared_kv)
+        self.kv_layout = SHARED if report.get("kv_layout") == SHARED else "concat"
+        self._shared: SharedKV | None = None
         # the graph's big initializers are references into the export's own file(s)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(self.graph.weights_dir))
@@ -154,6 +161,7 @@ class OrtSession(Session):
             else:
                 raise ArtifactError(f"ONNX Runtime cannot load {self.onnx_path}: {str(e).splitlines()[0]}") from None
         self.providers = self.sess.get_providers()
+        self._logits_index = LOGITS_INDEX in {i.name for i in self.sess.get_inputs()}
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._check_io()
         self.target_warning = target_warning(self.onnx_path, self.device)
@@ -219,14 +227,22 @@ class OrtSession(Session):
         self._cur = 0
         self._presents = None
         self._bufs = None
-        if self.kv_mode == "prealloc":
+        self._shared = None
+        if self.kv_layout == SHARED:
+            self._shared = SharedKV(self.sess, self._io, names=self._names, n_kv_heads=c.num_kv_heads,
+                                    head_dim=c.head_dim, dtype=self.kv_dtype, batch=batch, capacity=capacity,
+                                    vocab_size=c.vocab_size, alloc=self._alloc, ptr=self._ptr,
+                                    logits_index=self._logits_index)
+        elif self.kv_mode == "prealloc":
             n = batch * c.num_kv_heads * capacity * c.head_dim
             # two buffers (A, B) per layer for key and value: [layer][k|v][A|B]
             self._bufs = [[(self._alloc(n), self._alloc(n)) for _ in range(2)] for _ in range(c.num_layers)]
             # raw pointers, looked up once: [layer][k|v][A|B]
             self._ptrs = [[(self._ptr(a), self._ptr(b)) for a, b in layer] for layer in self._bufs]
 
-    def _forward(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+    def _forward(self, input_ids, attention_mask, position_ids, *, last_only: bool = False) -> np.ndarray:
+        if self._shared is not None:
+            return self._shared.forward(input_ids, attention_mask, position_ids, self.past_len, last_only)
         c = self.config
         b, seq = input_ids.shape
         past = self.past_len
@@ -258,7 +274,8 @@ class OrtSession(Session):
                     io.bind_ortvalue_input(pv, self._presents[2 * li + 1])
                 io.bind_output(ok, dev)
                 io.bind_output(ov, dev)
-        logits = np.empty((b, seq, c.vocab_size), dtype=np.float32)
+        positions = bind_logits_index(io, self._logits_index, seq, last_only)
+        logits = np.empty((b, positions, c.vocab_size), dtype=np.float32)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.sess.run_with_iobinding(io)
         if self.kv_mode == "prealloc":
@@ -266,10 +283,20 @@ class OrtSession(Session):
         else:
             # outputs come back in binding order: present k/v per layer, then logits
             self._presents = list(io.get_outputs())[: 2 * c.num_layers]
-        return logits
+        return logits[:, -1:] if last_only and positions != 1 else logits
+
+    def kv_position_offsets(self) -> np.ndarray:
+        """Per row, how far the positions its cached keys were rotated by exceed the real ones
+        (``[batch]``; non-zero only for rows of a batched prefill in a GroupQueryAttention session,
+        see :mod:`.ort_shared_kv`; attention is unchanged by such a shift)."""
+        if self._shared is not None:
+            return self._shared.offset.reshape(-1).copy()
+        return np.zeros(self.batch, dtype=np.int64)
 
     def kv_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """A numpy copy of the current cache (for tests/debugging): [(key, value)] per layer."""
+        if self._shared is not None:
+            return self._shared.cache(self.past_len)
         c = self.config
         shape = (self.batch, c.num_kv_heads, self.past_len, c.head_dim)
         n = int(np.prod(shape))
@@ -307,13 +334,20 @@ class OrtSession(Session):
             "weights": f"read by ONNX Runtime from {self.graph.weights_dir} (not copied at open)",
             **({"target_warning": self.target_warning} if self.target_warning else {}),
             **({"cpu_note": note} if (note := cpu_note(self.onnx_path, self.device)) else {}),
-            "kv_cache": ("preallocated double buffer per layer, bound with IO binding (no numpy copies, "
-                         "no per-token allocation)" if self.kv_mode == "prealloc"
-                         else "ORT-allocated presents rebound as next past (IO binding, no numpy copies)"),
+            "kv_cache": self._kv_description(),
         }
+
+    def _kv_description(self) -> str:
+        if self.kv_layout == SHARED:
+            return ("one buffer per layer of the cache's capacity, bound once as past and present; "
+                    "GroupQueryAttention writes each step's entries in place (no copy of the past)")
+        if self.kv_mode == "prealloc":
+            return "preallocated double buffer per layer, bound with IO binding (no numpy copies, no per-token allocation)"
+        return "ORT-allocated presents rebound as next past (IO binding, no numpy copies)"
 
     def close(self) -> None:
         self._bufs = None
         self._presents = None
+        self._shared = None
         self.sess = None
 

@@ -136,7 +136,8 @@ class TensorRTSession(Session):
         self._cur = 0
 
     # ---- forward -------------------------------------------------------------------
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, *,
+                 last_only: bool = False) -> np.ndarray:
         from ...trt_engines.profiles import select_profile
 
         ctx, stream = self._context, self._stream
@@ -174,7 +175,7 @@ class TensorRTSession(Session):
         logits.copy_to(out, stream)
         stream.synchronize()
         self._cur = 1 - self._cur  # this step's present is the next step's past
-        return out.astype(np.float32, copy=False)
+        return (out[:, -1:] if last_only else out).astype(np.float32, copy=False)
 
     def kv_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copies of the cache, per layer (key, value) [batch, n_kv_heads, past, head_dim] (debugging)."""

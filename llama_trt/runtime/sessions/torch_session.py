@@ -47,13 +47,13 @@ class TorchSession(Session):
         self._cache = self.model.empty_cache(batch)
 
     @torch.inference_mode()
-    def _forward(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+    def _forward(self, input_ids, attention_mask, position_ids, *, last_only: bool = False) -> np.ndarray:
         dev = self.device
         logits, self._cache = self.model(
             torch.from_numpy(input_ids).to(dev), torch.from_numpy(attention_mask).to(dev),
             torch.from_numpy(position_ids).to(dev), self._cache,
         )
-        return logits.cpu().numpy()
+        return (logits[:, -1:] if last_only else logits).cpu().numpy()
 
     def kv_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(k.float().cpu().numpy().copy(), v.float().cpu().numpy().copy()) for k, v in self._cache]

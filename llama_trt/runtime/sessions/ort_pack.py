@@ -1,0 +1,137 @@
+"""Pack quantized projections that read one activation (q/k/v; gate/up) into one weight.
+
+ONNX Runtime's CPU kernel for a weight-only quantized GEMM (``MatMulNBits``, made by its
+``DequantizeLinear -> MatMul`` fusion) quantizes its activation to int8 on every call (the
+default accuracy level 4) and pays a fixed cost per call. Three calls for q, k and v instead of
+one cost SmolLM2 int4 about 2 ms of a 7 ms decode step (211 ``MatMulNBits`` per step against
+onnxruntime-genai's 151, which packs q/k/v when it builds its model).
+
+:func:`pack_quantized_matmuls` concatenates the quantized tensors of such a group along N, in
+numpy, and writes them into the session graph itself (inline, so they live in the cached graph,
+not in the export folder): one ``DequantizeLinear -> MatMul`` plus a ``Split`` restoring the
+original outputs. int4 is unpacked to one value a byte, concatenated and packed again by
+``onnx.numpy_helper``; the stored values are bit-identical to the export's, so the dequantized
+weights are too. Only ONNX Runtime sessions see this graph; the export (and TensorRT) do not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _initializer_array(tensor, weights_dir: Path | None) -> np.ndarray:
+    """The value of ``tensor``, reading external data from ``weights_dir`` (left untouched)."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(tensor):
+        if weights_dir is None:
+            raise ValueError(f"{tensor.name} lies in an external file and no weights folder was given")
+        tensor = type(tensor).FromString(tensor.SerializeToString())
+        load_external_data_for_tensor(tensor, str(weights_dir))
+        tensor.data_location = tensor.DEFAULT
+        del tensor.external_data[:]
+    return numpy_helper.to_array(tensor)
+
+
+def _dq_signature(dq, inits) -> tuple | None:
+    """What must agree for DQs to share one tensor: element types, ranks, axis, block size."""
+    from onnx import helper
+
+    if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+        return None
+    if any(i not in inits for i in dq.input if i) or len(inits[dq.input[0]].dims) != 2:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    axis, block = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+    if axis not in (0, 1, -1, -2) or (block and axis not in (0, -2)) or (not block and axis in (0, -2)):
+        return None  # per channel along N, or blocks along K: anything else is left alone
+    types = tuple(inits[i].data_type for i in dq.input if i)
+    ranks = tuple(len(inits[i].dims) for i in dq.input if i)
+    return types, ranks, axis % 2, block, len([i for i in dq.input if i]), int(inits[dq.input[0]].dims[0])
+
+
+def drop_zero_int8_zero_points(model, weights_dir: Path | None) -> int:
+    """Remove the int8 zero-point input of ``DequantizeLinear`` nodes whose zero points are all 0
+    (the default). The exports write them for TensorRT's sake; ONNX Runtime's MatMulNBits
+    fusion turns an explicit zero point into an asymmetric kernel (uint8 values + zero points)
+    and a missing one into the symmetric kernel onnxruntime-genai's int8 models use."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx") or len(n.input) < 3 or not n.input[2]:
+            continue
+        zp = inits.get(n.input[2])
+        if zp is None or zp.data_type != TensorProto.INT8:
+            continue
+        if np.any(_initializer_array(zp, weights_dir)):
+            continue
+        del n.input[2]
+        done += 1
+    return done
+
+
+def pack_quantized_matmuls(model, weights_dir: Path | None) -> str:
+    """MatMuls ``x @ DequantizeLinear(Wq_i, s_i[, z_i])`` sharing ``x`` and the DQ form -> one;
+    returns ``"before -> after"`` (quantized MatMuls)."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    groups: dict[tuple, list] = {}
+    for n in g.node:
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
+            continue
+        dq = producer.get(n.input[1])
+        sig = None if dq is None or readers.get(dq.output[0]) != 1 else _dq_signature(dq, inits)
+        if sig is not None:
+            groups.setdefault((n.input[0], sig), []).append((n, dq))
+    before = sum(len(v) for v in groups.values())
+    replace: dict[int, list] = {}
+    drop: set[int] = set()
+    for (x, sig), members in groups.items():
+        if len(members) < 2:
+            continue
+        k = len(replace)
+        base = f"llama_trt.packed_quantized.{k}"
+        slots = len(members[0][1].input)
+        for slot in range(slots):
+            parts = [_initializer_array(inits[dq.input[slot]], weights_dir) for _, dq in members]
+            g.initializer.append(numpy_helper.from_array(np.concatenate(parts, axis=-1), f"{base}.in{slot}"))
+        sizes = [int(inits[dq.input[0]].dims[1]) for _, dq in members]
+        g.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), f"{base}.split"))
+        first_dq = members[0][1]
+        dq = helper.make_node("DequantizeLinear", [f"{base}.in{s}" for s in range(slots)], [f"{base}.weight"],
+                              name=f"{base}.dq")
+        dq.attribute.extend(first_dq.attribute)
+        replace[id(members[0][0])] = [
+            dq,
+            helper.make_node("MatMul", [x, f"{base}.weight"], [f"{base}.out"], name=f"{base}.matmul"),
+            helper.make_node("Split", [f"{base}.out", f"{base}.split"], [mm.output[0] for mm, _ in members],
+                             name=f"{base}.split", axis=-1),
+        ]
+        drop.update(id(mm) for mm, _ in members[1:])
+        drop.update(id(d) for _, d in members)
+    if not replace:
+        return f"{before} -> {before}"
+    nodes = []
+    for n in g.node:
+        if id(n) in replace:
+            nodes.extend(replace[id(n)])
+        elif id(n) not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    return f"{before} -> {before - sum(len(m) - 1 for m in groups.values() if len(m) > 1)}"
+
+
+__all__ = ["drop_zero_int8_zero_points", "pack_quantized_matmuls"]

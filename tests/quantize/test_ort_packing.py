@@ -1,0 +1,39 @@
+"""How the runtime's ONNX Runtime session runs quantized exports (runtime/sessions/ort_pack.py):
+q/k/v and gate/up packed into one quantized weight each, all-zero int8 zero points dropped, and
+every quantized GEMM still fused by ONNX Runtime into ``MatMulNBits`` (its fast kernel). That the
+packed session computes the dequantized model is test_runtime_and_refusal.py's check."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx
+import pytest
+
+
+def _optimized_ops(session, tmp_path) -> collections.Counter:
+    """Op types of the graph ONNX Runtime actually runs (its own optimizer's output)."""
+    import onnxruntime as ort
+
+    so = session._so
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(session.graph.model_bytes, so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("scheme, kw", [("int4-rtn", {"group_size": 32}), ("int4-rtn", {"group_size": 32, "int4_zero_point": True}),
+                                        ("int8-weight", {"quantize_lm_head": True})])
+def test_projections_are_packed_and_fused(quantized, tmp_path, scheme, kw):
+    from llama_trt.runtime import open_session, resolve_artifact
+
+    folder, manifest = quantized(scheme, **kw)
+    layers = int(manifest.config["num_layers"])
+    session = open_session(resolve_artifact(folder), "onnxruntime", threads=1)
+    rewrite = session.describe()["fused_ops_rewrite"]
+    before, after = map(int, rewrite["quantized MatMuls with one input packed (+ Split)"].split(" -> "))
+    assert before - after == 3 * layers  # q/k/v -> 1 and gate/up -> 1 per layer
+    dropped = rewrite["all-zero int8 zero points dropped (symmetric MatMulNBits)"]
+    if scheme == "int8-weight":
+        assert dropped == before  # every int8 weight: its zero points are 0
+    ops = _optimized_ops(session, tmp_path)
+    assert ops["MatMulNBits"] == after, ops  # every quantized GEMM, packed or not, runs fused
