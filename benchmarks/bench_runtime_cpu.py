@@ -18,6 +18,10 @@ with ``python -m onnxruntime_genai.models.builder``) and reused. Prints one JSON
 
     python benchmarks/bench_runtime_cpu.py --model smollm2 [--cycles 6] [--prompt-len 64]
         [--new-tokens 32] [--batch 1] [--threads N] [--only ours_fp32,genai_fp32]
+        [--settings 1x64+32,4x64+32,8x64+32,1x512+8]   (several shapes in one run)
+
+Peak RSS (``VmHWM``) is per contender process over the whole run, so with ``--settings`` it is
+that of the largest shape.
 """
 
 from __future__ import annotations
@@ -304,6 +308,35 @@ def ratios(summary: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def parse_settings(spec: str) -> list[tuple[int, int, int]]:
+    """``"1x64+32,8x64+32,1x512+8"`` -> [(batch, prompt_len, new_tokens)]."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            batch, rest = part.split("x")
+            prompt, new = rest.split("+")
+            out.append((int(batch), int(prompt), int(new)))
+        except ValueError:
+            raise SystemExit(f"error: setting {part!r} is not BATCHxPROMPT+NEW (e.g. 4x64+32)") from None
+    return out
+
+
+def run_setting(workers, batch: int, prompt_len: int, new_tokens: int, cycles: int, vocab: int) -> dict:
+    """Every contender on the same prompts, alternated (order reversed every other cycle), medians."""
+    prompts = np.random.default_rng(0).integers(3, vocab, size=(batch, prompt_len)).tolist()
+    samples = {w.name: {"ttft_ms": [], "decode_tokens_per_s": [], "ids": None} for w in workers}
+    for w in workers:  # warm-up at this shape
+        w.ask({"prompts": prompts, "new_tokens": min(4, new_tokens)})
+    for cycle in range(cycles):
+        for w in workers if cycle % 2 == 0 else workers[::-1]:
+            r = w.ask({"prompts": prompts, "new_tokens": new_tokens})
+            for k in ("ttft_ms", "decode_tokens_per_s"):
+                samples[w.name][k].append(r[k])
+            samples[w.name]["ids"] = r["ids"]
+        log(f"{batch}x{prompt_len}+{new_tokens}: cycle {cycle + 1}/{cycles} done")
+    return samples
+
+
 def main() -> None:
     from llama_trt.runtime.sessions.base import physical_cores
 
@@ -313,6 +346,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--settings", default="", help="several BATCHxPROMPT+NEW runs, e.g. 1x64+32,4x64+32,1x512+8 "
+                    "(default: --batch x --prompt-len + --new-tokens)")
     ap.add_argument("--cycles", type=int, default=6)
     ap.add_argument("--threads", type=int, default=physical_cores())
     ap.add_argument("--only", default="", help="comma-separated contenders (default: all)")
@@ -321,44 +356,46 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.path, args.threads)
+    settings = parse_settings(args.settings) if args.settings else [(args.batch, args.prompt_len, args.new_tokens)]
     work = args.workdir / args.model
     work.mkdir(parents=True, exist_ok=True)
     plan, skipped = prepare(args, work)
     vocab = json.loads((checkpoint(args.model, work) / "config.json").read_text())["vocab_size"]
-    prompts = np.random.default_rng(0).integers(3, vocab, size=(args.batch, args.prompt_len)).tolist()
     workers = []
     for name, (kind, path) in plan.items():
         try:
             workers.append(Worker(name, kind, path, args.threads))
         except Exception as e:  # noqa: BLE001 - one contender failing to start must not sink the others
             skipped[name] = f"failed to start: {e}"
-    samples = {w.name: {"ttft_ms": [], "decode_tokens_per_s": [], "ids": None} for w in workers}
+    runs = []
     try:
-        for w in workers:  # warm-up
-            w.ask({"prompts": prompts, "new_tokens": min(4, args.new_tokens)})
-        for cycle in range(args.cycles):
-            for w in workers if cycle % 2 == 0 else workers[::-1]:
-                r = w.ask({"prompts": prompts, "new_tokens": args.new_tokens})
-                for k in ("ttft_ms", "decode_tokens_per_s"):
-                    samples[w.name][k].append(r[k])
-                samples[w.name]["ids"] = r["ids"]
-            log(f"cycle {cycle + 1}/{args.cycles} done")
+        for batch, prompt_len, new_tokens in settings:
+            samples = run_setting(workers, batch, prompt_len, new_tokens, args.cycles, vocab)
+            runs.append(((batch, prompt_len, new_tokens), samples))
         stats = {w.name: w.ask({"stats": 1}) for w in workers}
     finally:
         for w in workers:
             w.close()
-    summary = summarize(samples, stats, "ours_fp32")
     import onnxruntime
 
-    print(json.dumps({
+    out_runs = []
+    for (batch, prompt_len, new_tokens), samples in runs:
+        summary = summarize(samples, stats, "ours_fp32")
+        out_runs.append({"settings": {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                                      "cycles": args.cycles, "greedy": True},
+                         "results": summary, "ratios": ratios(summary)})
+    report = {
         "benchmark": "runtime_cpu", "model": args.model,
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads_every_contender": args.threads,
-        "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "cycles": args.cycles, "greedy": True},
         "versions": {"onnxruntime": onnxruntime.__version__,
                      "onnxruntime_genai": _version("onnxruntime_genai"), "transformers": _version("transformers")},
-        "results": summary, "ratios": ratios(summary), "skipped": skipped,
-    }, indent=2))
+        "skipped": skipped,
+    }
+    if len(out_runs) == 1:
+        report.update(out_runs[0])
+    else:
+        report["runs"] = out_runs
+    print(json.dumps(report, indent=2))
 
 
 def _version(module: str) -> str | None:

@@ -17,7 +17,7 @@ def _optimized_ops(session, tmp_path) -> collections.Counter:
 
     so = session._so
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(session.graph.model_bytes, so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(session.graph.source(), so, providers=["CPUExecutionProvider"])
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 

@@ -42,14 +42,25 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class SessionGraph:
-    """The serialized graph to give ONNX Runtime, with its weights left in ``weights_dir``."""
+    """The serialized graph to give ONNX Runtime, with its weights left in ``weights_dir``.
 
-    model_bytes: bytes
+    A cached graph is handed to ONNX Runtime by path (:meth:`source`), so this process holds no
+    copy of it (a quantized graph carries its packed projections inline: tens of MB)."""
+
+    data: bytes | None           # the serialized graph; None when it lies in ``cache_file``
     weights_dir: Path
     fused: bool
     report: dict[str, Any] | str
     cache_file: Path | None      # where it was read from or written to; None if not cached
     from_cache: bool
+
+    @property
+    def model_bytes(self) -> bytes:
+        return self.data if self.data is not None else self.cache_file.read_bytes()
+
+    def source(self) -> "str | bytes":
+        """What ``onnxruntime.InferenceSession`` takes: the cache file's path, else the bytes."""
+        return str(self.cache_file) if self.data is None else self.data
 
 
 def _source_digest() -> str:
@@ -123,8 +134,8 @@ def session_graph(onnx_path, rope_context: int, *, fused: bool, cache_dir: Path 
     if use_cache and graph_file.is_file() and report_file.is_file():
         try:
             meta = json.loads(report_file.read_text())
-            return SessionGraph(graph_file.read_bytes(), weights_dir, bool(meta["fused"]), meta["report"],
-                                graph_file, True)
+            if graph_file.stat().st_size:
+                return SessionGraph(None, weights_dir, bool(meta["fused"]), meta["report"], graph_file, True)
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry: rebuild it
     data, did_fuse, report = _build(onnx_path, rope_context, fused)
@@ -138,7 +149,7 @@ def session_graph(onnx_path, rope_context: int, *, fused: bool, cache_dir: Path 
         _prune(cache_dir)
     except OSError:  # a read-only cache: run uncached
         return SessionGraph(data, weights_dir, did_fuse, report, None, False)
-    return SessionGraph(data, weights_dir, did_fuse, report, graph_file, False)
+    return SessionGraph(None, weights_dir, did_fuse, report, graph_file, False)
 
 
 __all__ = ["CACHE_SUBDIR", "INLINE_MAX_BYTES", "SessionGraph", "cache_key", "default_cache_dir", "session_graph"]

@@ -152,7 +152,7 @@ class OrtSession(Session):
         # the graph's big initializers are references into the export's own file(s)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(self.graph.weights_dir))
-        model_src = self.graph.model_bytes
+        model_src = self.graph.source()
         try:
             self.sess = ort.InferenceSession(model_src, so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
