@@ -78,7 +78,7 @@ def test_streaming_graph_stays_under_the_limit():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           initializer=[numpy_helper.from_array(w, "w")])
     # the probe before the session runs, as bench() does: ORT's spinning workers would hold the cores
-    limit = measure_bandwidth(0, threads=2).best_gb_s * 1e9 / w.nbytes
+    before = measure_bandwidth(0, threads=2).best_gb_s
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
@@ -90,4 +90,8 @@ def test_streaming_graph_stays_under_the_limit():
         t = time.perf_counter()
         sess.run(None, {"x": x})
         rates.append(1.0 / (time.perf_counter() - t))
+    del sess
+    # a shared machine's load moves between the probe and the GEMV: the limit is the best the probe
+    # saw around it (bench takes the best of its repeats the same way)
+    limit = max(before, measure_bandwidth(0, threads=2).best_gb_s) * 1e9 / w.nbytes
     assert float(np.median(rates)) / limit <= 1.0
