@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import onnx
 import pytest
 
@@ -21,8 +22,11 @@ def _optimized_ops(session, tmp_path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
-@pytest.mark.parametrize("scheme, kw", [("int4-rtn", {"group_size": 32}), ("int4-rtn", {"group_size": 32, "int4_zero_point": True}),
-                                        ("int8-weight", {"quantize_lm_head": True})])
+SCHEMES = [("int4-rtn", {"group_size": 32}), ("int4-rtn", {"group_size": 32, "int4_zero_point": True}),
+           ("int4-rtn", {"group_size": 32, "quantize_lm_head": True}), ("int8-weight", {"quantize_lm_head": True})]
+
+
+@pytest.mark.parametrize("scheme, kw", SCHEMES)
 def test_projections_are_packed_and_fused(quantized, tmp_path, scheme, kw):
     from llama_trt.runtime import open_session, resolve_artifact
 
@@ -37,3 +41,18 @@ def test_projections_are_packed_and_fused(quantized, tmp_path, scheme, kw):
         assert dropped == before  # every int8 weight: its zero points are 0
     ops = _optimized_ops(session, tmp_path)
     assert ops["MatMulNBits"] == after, ops  # every quantized GEMM, packed or not, runs fused
+    # an int4 tied head: the embedding looks its rows up in the int4 table, never dequantizes it whole
+    int4_head = scheme.startswith("int4") and kw.get("quantize_lm_head")
+    assert rewrite["embedding rows gathered from the int4 table (GatherBlockQuantized)"] == (1 if int4_head else 0)
+    assert ops["DequantizeLinear"] == 0, ops
+
+
+def test_int4_tied_head_rows_equal_the_dequantized_model(quantized, tmp_path):
+    from tests.quantize.test_runtime_and_refusal import _dequantized_copy, _logits
+
+    folder, _ = quantized("int4-rtn", group_size=32, quantize_lm_head=True)
+    ids = np.random.default_rng(1).integers(0, 128, (2, 9)).astype(np.int64)
+    got, desc = _logits(folder, ids)
+    assert desc["fused_ops_rewrite"]["embedding rows gathered from the int4 table (GatherBlockQuantized)"] == 1
+    want, _ = _logits(_dequantized_copy(folder, tmp_path / "dq"), ids)
+    assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()

@@ -41,7 +41,7 @@ from ...trt_engines.lowering import (
 from .ort_attention import attention_3d, fuse_attention
 from .ort_gqa import attention_to_gqa, kv_layout
 from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice
-from .ort_pack import drop_zero_int8_zero_points, pack_quantized_matmuls
+from .ort_pack import drop_zero_int8_zero_points, gather_quantized_rows, pack_quantized_matmuls
 
 
 @dataclass
@@ -56,6 +56,7 @@ class OrtLoweringReport:
     unshared_quantized: int = 0        # quantized weights also read by another node: DQ given its own entry
     packed_quantized: str = ""         # "a -> b": quantized MatMuls sharing an input packed into one + Split
     zero_points_dropped: int = 0       # all-zero int8 zero points removed (symmetric MatMulNBits)
+    quantized_row_gathers: int = 0     # embeddings gathered from a dequantized int4 table -> GatherBlockQuantized
     group_query_attention: int = 0     # attention blocks -> GroupQueryAttention on an in-place KV cache
     kv_layout: str = "concat"          # "shared-buffer" when every block is GroupQueryAttention
     logits_index: bool = False         # the lm head reads only the positions fed in LOGITS_INDEX
@@ -75,6 +76,7 @@ class OrtLoweringReport:
                 self.unshared_quantized,
             "quantized MatMuls with one input packed (+ Split)": self.packed_quantized or "off",
             "all-zero int8 zero points dropped (symmetric MatMulNBits)": self.zero_points_dropped,
+            "embedding rows gathered from the int4 table (GatherBlockQuantized)": self.quantized_row_gathers,
             "GroupQueryAttention(com.microsoft, RoPE inside, KV cache updated in place)": self.group_query_attention,
             "kv_layout": self.kv_layout,
             f"lm head on the positions in input {LOGITS_INDEX!r} only": self.logits_index,
@@ -119,6 +121,7 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.packed_matmuls = _pack_matmuls(out)
         if weights_dir is not None or not _has_external(out):
             report.zero_points_dropped = drop_zero_int8_zero_points(out, weights_dir)
+            report.quantized_row_gathers = gather_quantized_rows(out, weights_dir)
             report.packed_quantized = pack_quantized_matmuls(out, weights_dir)
     if attention and group_query_attention and report.attention:
         _remove_dead_nodes(out)  # the per-head reshapes _attention_3d bypassed still read q/k/v
