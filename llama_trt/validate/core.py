@@ -11,7 +11,7 @@ Flow (Polygraphy is the harness):
 4. LLM metrics from the same RunResults: top-1 agreement, KL, cosine (all valid query
    positions of all feeds), perplexity of the held-out sequence;
 5. greedy generation with the KV cache, each backend on its own, through the same runners
-   (information: its first divergence and the reference's top-2 margin there);
+   (:mod:`.greedy`; information: its first divergence and the reference's top-2 margin there);
 6. the accuracy certificate (:mod:`.teacher_forced`): teacher-forced KL / KL p99 / top-1 /
    perplexity ratio over real text, written into the export's manifest;
 7. optionally (``layerwise``) a second comparison on a copy of the ONNX with the layer
@@ -35,7 +35,7 @@ from ..config import LlamaConfig, Precision
 from ..errors import ValidationError
 from . import metrics as M
 from .report import (
-    FeedInfo, GreedyResult, LayerPoint, LayerwiseResult, MetricResult, OutputResult, PerplexityResult,
+    FeedInfo, LayerPoint, LayerwiseResult, MetricResult, OutputResult, PerplexityResult,
     ValidationReport, finite,
 )
 from .tolerances import METRICS, Tolerances, default_tolerances
@@ -120,27 +120,6 @@ def quiet_polygraphy(verbose: bool = False):
         yield
 
 
-@contextlib.contextmanager
-def torch_threads_for(config: LlamaConfig):
-    """One intra-op thread for small models (restored afterwards).
-
-    For models of a few million parameters every op is microseconds of work, and waking an
-    OpenMP pool costs more: measured here on 2 busy cores, a 40-wide softmax took 16 ms with
-    2 threads and 14 us with 1 (stories260K validation: 7.5 s -> 0.1 s to sample 64 tokens).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    small = config.num_parameters() < 50_000_000
-    if small:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if small:
-            torch.set_num_threads(before)
-
-
 def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -158,42 +137,22 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def _candidate_runner(artifact: Artifact, backend: str, onnx_path=None, name=None):
+def _candidate_session(artifact: Artifact, backend: str):
+    """One ONNX Runtime session for the Comparator and the greedy run (each runner would build its own,
+    seconds for a 30-layer model); None for TensorRT (its runner deserializes the engine)."""
+    if backend != "onnxruntime":
+        return None
+    from polygraphy.backend.onnxrt import SessionFromOnnx
+
+    return SessionFromOnnx(str(artifact.model_file), providers=["CPUExecutionProvider"])()
+
+
+def _candidate_runner(artifact: Artifact, backend: str, onnx_path=None, name=None, session=None):
     from .runners import onnxrt_runner, trt_runner
 
     if backend == "onnxruntime":
-        return onnxrt_runner(onnx_path or artifact.model_file, name=name or "onnxruntime")
+        return onnxrt_runner(onnx_path or artifact.model_file, name=name or "onnxruntime", session=session)
     return trt_runner(artifact.model_file, name=name or "tensorrt")
-
-
-def _copy_outputs(outputs) -> dict:
-    return {k: np.array(v, copy=True) for k, v in outputs.items()}
-
-
-def greedy_generate(runner, prompt: list[int], steps: int, num_layers: int, kv_dtype, head_shape) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decoding through any Polygraphy runner with the KV cache (batch 1)."""
-    from collections import OrderedDict
-
-    from ..exporter.feeds import positions_from_mask
-    from .runners import past_names
-
-    names = past_names(num_layers)
-    ids = np.asarray([prompt], dtype=np.int64)
-    mask = np.ones((1, len(prompt)), dtype=np.int64)
-    past = [np.zeros((1, head_shape[0], 0, head_shape[1]), dtype=kv_dtype) for _ in names]
-    tokens, step_logits = [], []
-    for _ in range(steps):
-        feed = OrderedDict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, ids.shape[1]))
-        feed.update((n, np.ascontiguousarray(p.astype(kv_dtype, copy=False))) for n, p in zip(names, past))
-        out = _copy_outputs(runner.infer(feed))
-        last = out["logits"][0, -1].astype(np.float64)
-        step_logits.append(last)
-        nxt = int(np.argmax(last))
-        tokens.append(nxt)
-        past = [out[f"present.{i}.{kv}"] for i in range(num_layers) for kv in ("key", "value")]
-        ids = np.asarray([[nxt]], dtype=np.int64)
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-    return tokens, step_logits
 
 
 def _gate(name: str, value: float, threshold: float | None) -> MetricResult:
@@ -236,6 +195,7 @@ def validate(
     run_results_path=None,
     verbose: bool = False,
     progress: bool = False,
+    reference=None,
 ) -> ValidationReport:
     """Validate an artifact against the fp32 torch model of ``checkpoint``.
 
@@ -245,7 +205,10 @@ def validate(
     ``eval_text``: the certificate's text file (None: the built-in corpus); ``window``: its
     window length (default 512 tokens, capped by the context); ``write_certificate``: put the
     certificate into the export folder's manifest.json (ONNX exports).
-    ``progress``: show the stages on stderr (rich) while it runs.
+    ``progress``: show the stages on stderr (rich) while it runs. ``reference``: a
+    :class:`~.reference.TorchReference` of ``checkpoint`` shared by several validations (the
+    torch side runs once: held-out ids, greedy reference, the certificate text's logits; the
+    report is the same as without it).
     Raises :class:`ValidationError` / :class:`BackendUnavailableError` (usage problems);
     a failed comparison is a report with ``passed=False``.
     """
@@ -260,14 +223,14 @@ def validate(
         require_tensorrt()  # fail fast, before loading anything
     artifact = open_artifact(artifact_dir, backend)
 
-    from ..checkpoint import load_checkpoint
+    from .reference import reference_for, torch_threads_for
 
     with Stages(progress, total=6 + bool(layerwise)) as stage:
         stage("load checkpoint")
-        ckpt = load_checkpoint(checkpoint)
-        check_config_match(ckpt.config, artifact, checkpoint)
-        with torch_threads_for(ckpt.config):
-            report = _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise,
+        ref = reference_for(checkpoint, reference)
+        check_config_match(ref.config, artifact, checkpoint)
+        with torch_threads_for(ref.config):
+            report = _compare(artifact, ref, artifact_dir, checkpoint, backend, steps, tolerances, layerwise,
                               heldout_tokens, heldout_length, seed, run_results_path, verbose, t0, stage,
                               dict(eval_text=eval_text, window=window))
     if write_certificate and artifact.kind == "onnx" and report.certificate is not None:
@@ -314,12 +277,11 @@ class Stages:
             self._progress.stop()
 
 
-def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerances, layerwise, heldout_tokens,
+def _compare(artifact, ref, artifact_dir, checkpoint, backend, steps, tolerances, layerwise, heldout_tokens,
              heldout_length, seed, run_results_path, verbose, t0, stage, cert_options) -> ValidationReport:
-    from ..checkpoint import build_model
-
+    ckpt = ref.checkpoint
     notes = []
-    if artifact.source_sha256 and artifact.source_sha256 != ckpt.fingerprint():
+    if artifact.source_sha256 and artifact.source_sha256 != ref.fingerprint():
         notes.append(
             "checkpoint files differ from the ones the artifact was made from (sha256 mismatch); "
             "same config, so comparing anyway"
@@ -334,12 +296,11 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
     cfg = ckpt.config
 
     stage("reference feeds from real token ids")
-    model = build_model(ckpt, "fp32")
-    from .inputs import build_feed_list, describe, sample_tokens
+    from .inputs import build_feed_list, describe
 
     if heldout_tokens is None:
         n = min(heldout_length, cfg.max_position_embeddings, artifact.max_tokens or heldout_length)
-        heldout = sample_tokens(model, n, seed=seed, bos=cfg.bos_token_id)
+        heldout = ref.sample_tokens(n, seed=seed, bos=cfg.bos_token_id)
     else:
         heldout = [int(t) for t in heldout_tokens]
         bad = [t for t in heldout if not 0 <= t < cfg.vocab_size]
@@ -349,9 +310,8 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
     limit = min(cfg.max_position_embeddings, artifact.max_tokens or cfg.max_position_embeddings)
     if len(prompt) + steps > limit:
         raise ValidationError(f"--steps {steps} + prompt {len(prompt)} exceeds the context limit {limit}; use fewer steps")
-    feeds = build_feed_list(model, heldout, artifact.kv_dtype)
+    feeds = build_feed_list(ref.model, heldout, artifact.kv_dtype)
     feed_names = [f.name for f in feeds]
-    del model
 
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.exception import PolygraphyException
@@ -359,7 +319,8 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
     from .runners import TorchRunner, output_names
 
     ref_runner = TorchRunner(ckpt, past_dtype=artifact.kv_dtype, name="torch-fp32")
-    cand_runner = _candidate_runner(artifact, backend)
+    cand_session = _candidate_session(artifact, backend)
+    cand_runner = _candidate_runner(artifact, backend, session=cand_session)
     names = output_names(cfg.num_layers)
     unknown = tol.unmatched(names)
     if unknown:
@@ -396,39 +357,26 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
             ppl_cand = M.perplexity(np.asarray(ci["logits"])[0], heldout)
     kl, top1, cos = np.concatenate(kl), np.concatenate(top1), np.concatenate(cos)
 
-    # ---- greedy generation, each backend on its own -------------------------
     stage(f"greedy generation, {steps} steps per backend")
-    head_shape = (cfg.num_kv_heads, cfg.head_dim)
+    from .greedy import greedy_result
+
+    greedy_runner = _candidate_runner(artifact, backend, name=f"{backend}-greedy", session=cand_session)
     try:
         with quiet_polygraphy(verbose):
-            with TorchRunner(ckpt, past_dtype=np.float32, name="torch-greedy") as r:
-                ref_tokens, ref_steps = greedy_generate(r, prompt, steps, cfg.num_layers, np.float32, head_shape)
-            with _candidate_runner(artifact, backend, name=f"{backend}-greedy") as r:
-                cand_tokens, cand_steps = greedy_generate(r, prompt, steps, cfg.num_layers, artifact.kv_dtype, head_shape)
+            greedy = greedy_result(ref, greedy_runner, prompt, steps, artifact.kv_dtype)
     except PolygraphyException as e:
         raise ValidationError(f"greedy generation on the artifact failed: {e}") from None
-    agreement, first_div = M.greedy_agreement(ref_tokens, cand_tokens)
-    upto = steps if first_div is None else first_div + 1
-    kl_steps = [float(M.kl_divergence(a, b)) for a, b in zip(ref_steps[:upto], cand_steps[:upto])]
-    margin = None
-    if first_div is not None:
-        top2 = np.sort(ref_steps[first_div])[-2:]
-        margin = float(top2[1] - top2[0])
-    greedy = GreedyResult(
-        prompt=tuple(prompt), steps=steps, reference_tokens=tuple(ref_tokens), candidate_tokens=tuple(cand_tokens),
-        agreement=float(agreement), first_divergence=first_div, kl_per_step=tuple(finite(k) for k in kl_steps),
-        top1_margin_at_divergence=margin,
-    )
+    del cand_runner, greedy_runner, cand_session  # the certificate opens the runtime's own session
 
     stage("teacher-forced certificate over the evaluation text")
-    certificate = _certificate(artifact, ckpt, backend, tol, greedy, stage, cert_options)
+    certificate = _certificate(artifact, ref, backend, tol, greedy, stage, cert_options)
     thresholds = tol.metrics
     metric_results = [
         *_certificate_metrics(certificate),
         _gate("cosine", float(cos.mean()), thresholds.get("cosine")),
         MetricResult("feeds_top1", finite(float(top1.mean())), None, "", None, "top-1 agreement on the feeds (info)"),
         MetricResult("feeds_kl", finite(float(kl.mean())), None, "", None, "mean KL on the feeds (info)"),
-        MetricResult("greedy", finite(float(agreement)), None, "", None,
+        MetricResult("greedy", finite(float(greedy.agreement)), None, "", None,
                      "greedy-token agreement over the generation (info: see its first divergence)"),
         MetricResult("kl_max", finite(float(kl.max())), None, "", None, "max KL over the feeds' positions (info)"),
         MetricResult("cosine_min", finite(float(cos.min())), None, "", None, "min cosine over positions (info)"),
@@ -489,13 +437,13 @@ def _compare(artifact, ckpt, artifact_dir, checkpoint, backend, steps, tolerance
     return report
 
 
-def _certificate(artifact, ckpt, backend, tol, greedy, stage, options):
+def _certificate(artifact, ref, backend, tol, greedy, stage, options):
     from .teacher_forced import DEFAULT_WINDOW, certify
 
     try:
-        return certify(artifact.folder, ckpt, backend=backend, eval_text=options.get("eval_text"),
+        return certify(artifact.folder, ref.checkpoint, backend=backend, eval_text=options.get("eval_text"),
                        window=options.get("window") or DEFAULT_WINDOW, tolerances=tol, greedy=greedy,
-                       progress=stage.subtask if stage.enabled else False)
+                       progress=stage.subtask if stage.enabled else False, reference=ref)
     except (ValueError, RuntimeError) as e:  # a backend that cannot run the windows
         raise ValidationError(f"the teacher-forced pass on the artifact failed: {str(e).splitlines()[0]}") from None
 

@@ -130,11 +130,13 @@ class TorchRunner(BaseRunner):
         self._calls = []
 
 
-def onnxrt_runner(onnx_path, name: str | None = None):
-    """Polygraphy's ONNX Runtime runner on the CPU execution provider."""
+def onnxrt_runner(onnx_path, name: str | None = None, session=None):
+    """Polygraphy's ONNX Runtime runner on the CPU execution provider (``session``: an
+    InferenceSession of ``onnx_path`` to reuse instead of building one at activation)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    session = SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])
+    if session is None:
+        session = SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])
     return OnnxrtRunner(session, name=name or "onnxruntime")
 
 

@@ -73,15 +73,14 @@ def text_tokens(text: EvalText, tokenizer, window: int, vocab_size: int) -> Eval
     return EvalTokens(tuple(tuple(w) for w in wins), text.source, text.sha256)
 
 
-def sampled_tokens(model, window: int, seed: int = 1) -> EvalTokens:
-    """A seeded sample of the reference (temperature 1): for checkpoints without a tokenizer."""
+def sampled_tokens(reference, window: int, seed: int = 1) -> EvalTokens:
+    """A seeded sample of the reference (a :class:`~.reference.TorchReference`, temperature 1):
+    for checkpoints without a tokenizer."""
     import hashlib
 
-    from .inputs import sample_tokens
-
-    cfg = model.config
+    cfg = reference.config
     n = min(SAMPLED_TOKENS, window)
-    wins = [sample_tokens(model, n, seed=seed + k, bos=cfg.bos_token_id) for k in range(max(1, SAMPLED_TOKENS // n))]
+    wins = [reference.sample_tokens(n, seed=seed + k, bos=cfg.bos_token_id) for k in range(max(1, SAMPLED_TOKENS // n))]
     digest = hashlib.sha256(np.asarray(wins, dtype="<i8").tobytes()).hexdigest()
     return EvalTokens(tuple(tuple(w) for w in wins), f"sampled-from-reference:seed={seed}:T=1 (no tokenizer)", digest)
 
@@ -161,7 +160,7 @@ def scheme_of(manifest: dict) -> str:
     return str(manifest.get("dtype") or manifest.get("precision") or "fp32")
 
 
-def _tokens_for(artifact_dir: Path, checkpoint_path, model, eval_text, window: int) -> EvalTokens:
+def _tokens_for(artifact_dir: Path, checkpoint_path, reference, eval_text, window: int) -> EvalTokens:
     from ..runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(artifact_dir) if artifact_dir.is_dir() else None
@@ -171,14 +170,15 @@ def _tokens_for(artifact_dir: Path, checkpoint_path, model, eval_text, window: i
         if eval_text is not None:
             raise ValidationError("--eval-text needs a tokenizer (tokenizer.json / tokenizer.model) next to the "
                                   "artifact or the checkpoint; this model has none")
-        return sampled_tokens(model, window)
+        return sampled_tokens(reference, window)
     text = eval_text if isinstance(eval_text, EvalText) else load_eval_text(eval_text)
-    return text_tokens(text, tok, window, model.config.vocab_size)
+    return text_tokens(text, tok, window, reference.config.vocab_size)
 
 
 def certify(artifact_dir, checkpoint, *, backend: str = "onnxruntime", eval_text=None, window: int = DEFAULT_WINDOW,
             batch: int = DEFAULT_BATCH, tolerances: "dict | Tolerances | None" = None, scheme: str | None = None,
-            greedy=None, threads: int | None = None, progress: "bool | Callable" = False) -> AccuracyCertificate:
+            greedy=None, threads: int | None = None, progress: "bool | Callable" = False,
+            reference=None) -> AccuracyCertificate:
     """Teacher-forced certificate of ``artifact_dir`` (export or engine folder) against the fp32
     torch model of ``checkpoint`` (a path or a loaded Checkpoint) over ``eval_text`` (a path,
     an :class:`EvalText`, or None = the built-in corpus). Nothing is written: pass the result
@@ -186,28 +186,31 @@ def certify(artifact_dir, checkpoint, *, backend: str = "onnxruntime", eval_text
 
     ``tolerances``: gate overrides (``{"kl": 0.01, "top1": 0.9}``) or a full Tolerances;
     ``greedy``: an optional :class:`GreedyResult` copied into the certificate as information;
-    ``progress``: True for a rich bar on stderr, or a callable(description, total) -> advance.
+    ``progress``: True for a rich bar on stderr, or a callable(description, total) -> advance;
+    ``reference``: a :class:`~.reference.TorchReference` of ``checkpoint`` shared by several
+    certificates (its fp32 logits of the text are computed once; the certificate is the same).
     """
-    from ..checkpoint import build_model, load_checkpoint
     from ..runtime import open_session, resolve_artifact
+    from .reference import reference_for
 
     t0 = time.perf_counter()
     artifact_dir = Path(artifact_dir)
     art = resolve_artifact(artifact_dir)
     scheme = scheme or scheme_of(art.manifest)
-    ckpt = checkpoint if hasattr(checkpoint, "state_dict") else load_checkpoint(checkpoint)
+    torch_ref = reference_for(checkpoint, reference)
+    ckpt = torch_ref.checkpoint
     checkpoint_path = Path(ckpt.path)
     limit = min(ckpt.config.max_position_embeddings, art.max_context or ckpt.config.max_position_embeddings)
     window = max(2, min(int(window), limit))
     tol = tolerances if isinstance(tolerances, Tolerances) else default_tolerances(
         _precision_of(art.manifest), scheme).with_overrides(dict(tolerances or {}))
-    model = build_model(ckpt, "fp32")
-    tokens = _tokens_for(artifact_dir, checkpoint_path, model, eval_text, window)
+    tokens = _tokens_for(artifact_dir, checkpoint_path, torch_ref, eval_text, window)
     session = open_session(art, backend, threads=threads)
     try:
         advance, close = _progress(progress, f"teacher-forced pass, {tokens.scored:,} tokens", tokens.scored)
         try:
-            values = teacher_forced(torch_logits_fn(model), session_logits_fn(session), tokens.windows, batch, advance)
+            values = teacher_forced(torch_ref.logits_fn(), session_logits_fn(session), tokens.windows, batch,
+                                    advance)
         finally:
             close()
     finally:

@@ -93,9 +93,9 @@ def test_tampered_export_fails_on_kl_and_passes_relaxed(tiny_tampered, tiny_ckpt
 def test_greedy_divergence_is_reported_not_gated(tiny_fp16, tiny_ckpt, monkeypatch):
     """A near-tie that flips the greedy path at step 1 (simulated on the candidate side) leaves
     the verdict to the certificate: passed, with the divergence and margin reported."""
-    from llama_trt.validate import core
+    from llama_trt.validate import greedy
 
-    real = core.greedy_generate
+    real = greedy.greedy_generate
 
     def flip_candidate(runner, *args, **kwargs):
         tokens, logits = real(runner, *args, **kwargs)
@@ -103,7 +103,7 @@ def test_greedy_divergence_is_reported_not_gated(tiny_fp16, tiny_ckpt, monkeypat
             tokens[1] = (tokens[1] + 1) % 128
         return tokens, logits
 
-    monkeypatch.setattr(core, "greedy_generate", flip_candidate)
+    monkeypatch.setattr(greedy, "greedy_generate", flip_candidate)
     rep = validate(tiny_fp16, tiny_ckpt, steps=8, write_certificate=False)
     assert rep.passed, rep.failures
     assert rep.greedy.first_divergence == 1 and rep.greedy.agreement < 1
