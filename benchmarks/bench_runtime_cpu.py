@@ -1,6 +1,7 @@
 """Runtime on CPU, side by side, one contender per process: our ONNX Runtime session (fp32, fp16,
-int8-weight, int4-rtn: W4A16 round-to-nearest, as genai's int4) vs onnxruntime-genai (fp32, int8,
-int4) vs transformers eager fp32.
+int8-weight, int4-awq g64: each scheme's defaults) vs onnxruntime-genai (fp32, fp16, int8, int4) vs
+transformers eager fp32. A contender that fails (genai's fp16 CPU model fails its first decode step
+in onnxruntime 1.32) is reported under ``failed`` and dropped from later cycles.
 
 ``--model smollm2``: SmolLM2-135M-Instruct (the reference HF folder from the checkpoint zoo).
 ``--model seeded``: a random ~125M LLaMA (hidden 768, 12 layers, 12 heads / 4 KV heads,
@@ -42,8 +43,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 OURS = {"ours_fp32": ("fp32", None), "ours_fp16": ("fp16", None), "ours_int8_weight": ("fp32", "int8-weight"),
-        "ours_int4": ("fp32", "int4-rtn")}
-GENAI = {"genai_fp32": "fp32", "genai_int8": "int8", "genai_int4": "int4"}
+        "ours_int4": ("fp32", "int4-awq")}
+GENAI = {"genai_fp32": "fp32", "genai_fp16": "fp16", "genai_int8": "int8", "genai_int4": "int4"}
 HF = {"transformers_eager_fp32": "fp32"}
 
 
@@ -231,7 +232,11 @@ def worker(kind: str, path: str, threads: int) -> None:
             print(json.dumps({"open_s": open_s, "rss_after_open_mib": rss_open, "peak_rss_mib": _vm("VmHWM")}),
                   flush=True)
             continue
-        ttft, rate, ids = contender.run(cmd["prompts"], cmd["new_tokens"])
+        try:
+            ttft, rate, ids = contender.run(cmd["prompts"], cmd["new_tokens"])
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which drops this contender
+            print(json.dumps({"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}), flush=True)
+            continue
         print(json.dumps({"ttft_ms": ttft, "decode_tokens_per_s": rate, "ids": ids}), flush=True)
 
 
@@ -248,7 +253,10 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"{self.name}: worker exited with {self.proc.wait()}")
-        return json.loads(line)
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
 
     def ask(self, cmd: dict) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -256,7 +264,10 @@ class Worker:
         return self._read()
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except OSError:  # a worker that died
+            pass
         self.proc.wait(timeout=60)
 
 
@@ -288,7 +299,7 @@ def summarize(samples: dict[str, dict], stats: dict[str, dict], ref: str | None)
         out[name] = {
             "decode_tokens_per_s_median": statistics.median(s["decode_tokens_per_s"]),
             "ttft_ms_median": statistics.median(s["ttft_ms"]),
-            **stats[name],
+            **stats.get(name, {}),
             "decode_tokens_per_s": [round(x, 2) for x in s["decode_tokens_per_s"]],
             "ttft_ms": [round(x, 2) for x in s["ttft_ms"]],
             **({"greedy_ids_equal_" + ref: s["ids"] == samples[ref]["ids"]} if ref and ref in samples else {}),
@@ -321,15 +332,29 @@ def parse_settings(spec: str) -> list[tuple[int, int, int]]:
     return out
 
 
-def run_setting(workers, batch: int, prompt_len: int, new_tokens: int, cycles: int, vocab: int) -> dict:
-    """Every contender on the same prompts, alternated (order reversed every other cycle), medians."""
+def run_setting(workers, batch: int, prompt_len: int, new_tokens: int, cycles: int, vocab: int,
+                failed: dict[str, str]) -> dict:
+    """Every contender on the same prompts, alternated (order reversed every other cycle), medians.
+    A contender that fails is recorded in ``failed`` and removed from ``workers``."""
     prompts = np.random.default_rng(0).integers(3, vocab, size=(batch, prompt_len)).tolist()
+
+    def ask(w, new):
+        try:
+            return w.ask({"prompts": prompts, "new_tokens": new})
+        except RuntimeError as e:
+            failed[w.name] = f"{batch}x{prompt_len}+{new_tokens}: {e}"
+            workers.remove(w)
+            return None
+
+    for w in list(workers):  # warm-up at this shape
+        ask(w, min(4, new_tokens))
     samples = {w.name: {"ttft_ms": [], "decode_tokens_per_s": [], "ids": None} for w in workers}
-    for w in workers:  # warm-up at this shape
-        w.ask({"prompts": prompts, "new_tokens": min(4, new_tokens)})
     for cycle in range(cycles):
-        for w in workers if cycle % 2 == 0 else workers[::-1]:
-            r = w.ask({"prompts": prompts, "new_tokens": new_tokens})
+        for w in list(workers if cycle % 2 == 0 else workers[::-1]):
+            r = ask(w, new_tokens)
+            if r is None:
+                samples.pop(w.name, None)
+                continue
             for k in ("ttft_ms", "decode_tokens_per_s"):
                 samples[w.name][k].append(r[k])
             samples[w.name]["ids"] = r["ids"]
@@ -367,14 +392,14 @@ def main() -> None:
             workers.append(Worker(name, kind, path, args.threads))
         except Exception as e:  # noqa: BLE001 - one contender failing to start must not sink the others
             skipped[name] = f"failed to start: {e}"
-    runs = []
+    runs, failed, everyone = [], {}, list(workers)
     try:
         for batch, prompt_len, new_tokens in settings:
-            samples = run_setting(workers, batch, prompt_len, new_tokens, args.cycles, vocab)
+            samples = run_setting(workers, batch, prompt_len, new_tokens, args.cycles, vocab, failed)
             runs.append(((batch, prompt_len, new_tokens), samples))
         stats = {w.name: w.ask({"stats": 1}) for w in workers}
     finally:
-        for w in workers:
+        for w in everyone:
             w.close()
     import onnxruntime
 
@@ -389,7 +414,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads_every_contender": args.threads,
         "versions": {"onnxruntime": onnxruntime.__version__,
                      "onnxruntime_genai": _version("onnxruntime_genai"), "transformers": _version("transformers")},
-        "skipped": skipped,
+        "skipped": skipped, "failed": failed,
     }
     if len(out_runs) == 1:
         report.update(out_runs[0])
