@@ -69,3 +69,20 @@ def test_real_model_demo_answers_in_english(tmp_path, smollm2_hf):
     assert "Paris" in answer.transformers  # the reference itself knows it
     assert "Paris" in answer.ours, answer
     assert (out / "summary.json").is_file()
+
+
+def test_side_by_side_engine_builds_report_a_failed_child(tmp_path):
+    """The demo builds its engines in child processes (`llama-trt build`); a child's error
+    comes back as a BuildError naming the engine and carrying the child's own message."""
+    import io
+
+    from rich.console import Console
+
+    from llama_trt.demo.stages import build_side_by_side
+    from llama_trt.errors import BuildError
+    from llama_trt.trt_engines.builder import BuildOptions
+
+    jobs = {tmp_path / "engine-a": tmp_path / "no-export-a", tmp_path / "engine-b": tmp_path / "no-export-b"}
+    with pytest.raises(BuildError, match=r"building engine-a failed: .*export folder not found"):
+        build_side_by_side(jobs, BuildOptions(max_batch=4, force=True), Console(file=io.StringIO()), workers=2)
+    assert not any(p.exists() for p in jobs)
