@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .ort_graph import _splice, use_ms_domain
+
 KV_LAYOUT_KEY = "llama_trt.ort_kv_layout"
 SHARED = "shared-buffer"
 _SEQLENS, _TOTAL = "llama_trt.gqa.seqlens_k", "llama_trt.gqa.total_sequence_length"
@@ -116,18 +118,12 @@ def attention_to_gqa(model, head_dim: int | None) -> tuple[int, str | None]:
             list(att.output), name=(att.name or att.output[0]) + ".gqa", domain="com.microsoft",
             num_heads=int(a["q_num_heads"]), kv_num_heads=int(a["kv_num_heads"]), scale=float(a.get("scale", 0.0)),
             do_rotary=1, rotary_interleaved=int(_attrs(rope).get("interleaved", 0)))
-        replace[id(att)] = gqa
+        replace[id(att)] = [gqa]
         drop.update(id(n) for n in gone)
-    nodes = _length_nodes(model)  # read graph inputs only: first is always in order
-    for n in g.node:
-        if id(n) in replace:
-            nodes.append(replace[id(n)])
-        elif id(n) not in drop:
-            nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _splice(g, replace, drop)
+    for k, n in enumerate(_length_nodes(model)):  # read graph inputs only: first is always in order
+        g.node.insert(k, n)
+    use_ms_domain(model)
     meta = {p.key: p for p in model.metadata_props}
     if KV_LAYOUT_KEY in meta:
         meta[KV_LAYOUT_KEY].value = SHARED

@@ -66,4 +66,21 @@ def _remove_dead_nodes(model) -> None:
         g.node.extend(nodes)
 
 
-__all__ = ["_Graph", "_attr", "_remove_dead_nodes", "_splice"]
+def readers(graph) -> dict[str, list]:
+    """Value name -> the nodes that read it (in graph order)."""
+    out: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def use_ms_domain(model) -> None:
+    """Import the ``com.microsoft`` opset (ONNX Runtime's contrib ops) if the model does not yet."""
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+__all__ = ["_Graph", "_attr", "_remove_dead_nodes", "_splice", "readers", "use_ms_domain"]

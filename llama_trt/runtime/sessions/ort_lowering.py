@@ -40,7 +40,7 @@ from ...trt_engines.lowering import (
 )
 from .ort_attention import attention_3d, fuse_attention
 from .ort_gqa import attention_to_gqa, kv_layout
-from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice
+from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice, readers
 from .ort_pack import drop_zero_int8_zero_points, gather_quantized_rows, pack_quantized_matmuls
 
 
@@ -303,14 +303,11 @@ def _unshare_quantized_weights(model) -> int:
     file that entry references the same bytes, so nothing is copied on disk."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    reading = readers(g)
     done = 0
     for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
         shared = [i for i, name in enumerate(dq.input) if name in inits
-                  and any(r is not dq for r in readers.get(name, []))]
+                  and any(r is not dq for r in reading.get(name, []))]
         if not shared or dq.input[0] not in inits:
             continue
         for i in shared:  # weight, scale and zero point alike (a Gather may read all three)

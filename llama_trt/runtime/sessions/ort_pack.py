@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .ort_graph import _splice, readers, use_ms_domain
+
 
 def _initializer_array(tensor, weights_dir: Path | None) -> np.ndarray:
     """The value of ``tensor``, reading external data from ``weights_dir`` (left untouched)."""
@@ -87,10 +89,7 @@ def gather_quantized_rows(model, weights_dir: Path | None) -> int:
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    reading = readers(g)
     replace, drop = {}, set()
     for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
@@ -99,10 +98,10 @@ def gather_quantized_rows(model, weights_dir: Path | None) -> int:
             continue
         if len(inits[dq.input[0]].dims) != 2 or inits[dq.input[0]].data_type not in (21, 22):  # uint4, int4
             continue
-        gathers = [n for n in readers.get(dq.output[0], []) if n.op_type == "Gather"]
+        gathers = [n for n in reading.get(dq.output[0], []) if n.op_type == "Gather"]
         for gather in gathers:
             axis = next((helper.get_attribute_value(a) for a in gather.attribute if a.name == "axis"), 0)
-            users = readers.get(gather.output[0], [])
+            users = reading.get(gather.output[0], [])
             tr = users[0] if len(users) == 1 and users[0].op_type == "Transpose" else None
             perm = None if tr is None else [helper.get_attribute_value(a) for a in tr.attribute if a.name == "perm"]
             if axis != 1 or perm != [[1, 2, 0]]:
@@ -114,17 +113,13 @@ def gather_quantized_rows(model, weights_dir: Path | None) -> int:
                 g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr.T), f"{base}.in{k}"))
                 names.append(f"{base}.in{k}")
             inputs = [names[0], gather.input[1], names[1]] + names[2:]
-            replace[id(gather)] = helper.make_node(
+            replace[id(gather)] = [helper.make_node(
                 "GatherBlockQuantized", inputs, [tr.output[0]], name=base, domain="com.microsoft",
-                gather_axis=0, quantize_axis=1, block_size=block, bits=4)
+                gather_axis=0, quantize_axis=1, block_size=block, bits=4)]
             drop.add(id(tr))
-    if not replace:
-        return 0
-    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
-    del g.node[:]
-    g.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if replace:
+        _splice(g, replace, drop)
+        use_ms_domain(model)
     return len(replace)
 
 
@@ -136,16 +131,13 @@ def pack_quantized_matmuls(model, weights_dir: Path | None) -> str:
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    reading = readers(g)
     groups: dict[tuple, list] = {}
     for n in g.node:
         if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
             continue
         dq = producer.get(n.input[1])
-        sig = None if dq is None or readers.get(dq.output[0]) != 1 else _dq_signature(dq, inits)
+        sig = None if dq is None or len(reading.get(dq.output[0], [])) != 1 else _dq_signature(dq, inits)
         if sig is not None:
             groups.setdefault((n.input[0], sig), []).append((n, dq))
     before = sum(len(v) for v in groups.values())
@@ -176,14 +168,7 @@ def pack_quantized_matmuls(model, weights_dir: Path | None) -> str:
         drop.update(id(d) for _, d in members)
     if not replace:
         return f"{before} -> {before}"
-    nodes = []
-    for n in g.node:
-        if id(n) in replace:
-            nodes.extend(replace[id(n)])
-        elif id(n) not in drop:
-            nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
+    _splice(g, replace, drop)
     return f"{before} -> {before - sum(len(m) - 1 for m in groups.values() if len(m) > 1)}"
 
 
