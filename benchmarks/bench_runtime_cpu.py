@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 OURS = {"ours_fp32": ("fp32", None), "ours_fp16": ("fp16", None), "ours_int8_weight": ("fp32", "int8-weight"),
-        "ours_int4": ("fp32", "int4-awq")}
+        "ours_int8_weight_head8": ("fp32", "int8-weight", "--quantize-lm-head"), "ours_int4": ("fp32", "int4-awq"),
+        "ours_int4_head4": ("fp32", "int4-awq", "--quantize-lm-head")}
 GENAI = {"genai_fp32": "fp32", "genai_fp16": "fp16", "genai_int8": "int8", "genai_int4": "int4"}
 HF = {"transformers_eager_fp32": "fp32"}
 
@@ -104,7 +105,7 @@ def _run(cmd: list[str]) -> str | None:
 def build_ours(name: str, ckpt: Path, work: Path) -> tuple[Path | None, str | None]:
     from llama_trt.quantize.schemes import SCHEME_NAMES as SCHEMES
 
-    dtype, scheme = OURS[name]
+    dtype, scheme, *flags = OURS[name]
     out = work / name
     if (out / "manifest.json").is_file():
         return out, None
@@ -112,7 +113,7 @@ def build_ours(name: str, ckpt: Path, work: Path) -> tuple[Path | None, str | No
         return None, f"quantization scheme {scheme!r} is not in this llama-trt ({', '.join(SCHEMES)})"
     cmd = [sys.executable, "-m", "llama_trt.cli", "export", str(ckpt), "-o", str(out), "--dtype", dtype, "--force"]
     if scheme:
-        cmd += ["--quantize", scheme]
+        cmd += ["--quantize", scheme, *flags]
     t = time.perf_counter()
     err = _run(cmd)
     log(f"{name}: export {'failed: ' + err if err else f'in {time.perf_counter() - t:.0f} s'}")
@@ -308,7 +309,8 @@ def summarize(samples: dict[str, dict], stats: dict[str, dict], ref: str | None)
 
 
 def ratios(summary: dict[str, dict]) -> dict[str, float]:
-    pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int4", "genai_int4"),
+    pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int8_weight_head8", "genai_int8"),
+             ("ours_int4", "genai_int4"), ("ours_int4_head4", "genai_int4"),
              ("ours_fp32", "transformers_eager_fp32")]
     out = {}
     for a, b in pairs:

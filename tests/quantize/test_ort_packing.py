@@ -1,5 +1,5 @@
 """How the runtime's ONNX Runtime session runs quantized exports (runtime/sessions/ort_pack.py):
-q/k/v and gate/up packed into one quantized weight each, all-zero int8 zero points dropped, and
+q/k/v packed into one quantized weight, all-zero int8 zero points dropped, and
 every quantized GEMM still fused by ONNX Runtime into ``MatMulNBits`` (its fast kernel). That the
 packed session computes the dequantized model is test_runtime_and_refusal.py's check."""
 
@@ -35,7 +35,7 @@ def test_projections_are_packed_and_fused(quantized, tmp_path, scheme, kw):
     session = open_session(resolve_artifact(folder), "onnxruntime", threads=1)
     rewrite = session.describe()["fused_ops_rewrite"]
     before, after = map(int, rewrite["quantized MatMuls with one input packed (+ Split)"].split(" -> "))
-    assert before - after == 3 * layers  # q/k/v -> 1 and gate/up -> 1 per layer
+    assert before - after == 2 * layers  # q/k/v -> 1 per layer (gate/up stay two GEMMs)
     dropped = rewrite["all-zero int8 zero points dropped (symmetric MatMulNBits)"]
     if scheme == "int8-weight":
         assert dropped == before  # every int8 weight: its zero points are 0

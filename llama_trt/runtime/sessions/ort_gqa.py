@@ -4,13 +4,15 @@ After :mod:`.ort_lowering` each layer runs ``Split(packed q|k|v)``, two opset-23
 ``RotaryEmbedding`` nodes and one opset-23 ``Attention`` that concatenates the whole past into a
 new ``present`` every step. :func:`attention_to_gqa` replaces those four nodes with one
 ``GroupQueryAttention`` (``do_rotary=1``: RoPE inside, from the same cos/sin caches and
-``position_ids``; the packed q|k|v as its only projection input; the export's additive mask as
-``attention_bias``), and marks the graph (:data:`KV_LAYOUT_KEY` = :data:`SHARED`): the session
-then binds ``past_key_values.i.*`` and ``present.i.*`` to one buffer per layer of the cache's
-full capacity, and the kernel writes each step's keys and values into it where they belong
-(``seqlens_k`` = past + seq - 1 for every row; ``total_sequence_length`` = past + seq, both
-from the mask's width). Nothing is copied per step and nothing is rebound but the step's ids,
-mask, positions and logits.
+``position_ids``; the packed q|k|v as its only projection input), and marks the graph
+(:data:`KV_LAYOUT_KEY` = :data:`SHARED`): the session then binds ``past_key_values.i.*`` and
+``present.i.*`` to one buffer per layer of the cache's full capacity, and the kernel writes each
+step's keys and values into it where they belong. The kernel applies causality itself, so the
+export's mask subgraph (~20 small nodes run every step) goes too: the session feeds the padding
+bias (:data:`ATTENTION_BIAS`: 0 where ``attention_mask`` is 1, the export's fill elsewhere),
+``seqlens_k`` = past + seq - 1 for every row and ``total_sequence_length`` = past + seq, and
+``attention_mask`` leaves the graph. Nothing is copied per step and nothing is rebound but the
+step's ids, positions, these three and the logits.
 
 What the session must do for this graph (ONNX Runtime 1.32 CPU, measured in the tests):
 
@@ -32,8 +34,13 @@ import numpy as np
 from .ort_graph import _splice, use_ms_domain
 
 KV_LAYOUT_KEY = "llama_trt.ort_kv_layout"
+FILL_KEY = "llama_trt.ort_attention_fill"
 SHARED = "shared-buffer"
-_SEQLENS, _TOTAL = "llama_trt.gqa.seqlens_k", "llama_trt.gqa.total_sequence_length"
+# graph inputs the session feeds instead of attention_mask: the padding bias (0 attended, the
+# export's fill elsewhere; causality is the kernel's own), past + seq - 1 per row, past + seq
+ATTENTION_BIAS = "llama_trt.attention_bias"
+SEQLENS_K = "llama_trt.seqlens_k"
+TOTAL_LENGTH = "llama_trt.total_sequence_length"
 
 
 def _attrs(node) -> dict:
@@ -65,20 +72,24 @@ def _plan(att, producer, consumers, head_dim: int):
     return split.input[0], rq, (split, rq, rk)
 
 
-def _length_nodes(model) -> list:
-    """``seqlens_k`` [batch] int32 = mask width - 1 and ``total_sequence_length`` (scalar int32)."""
-    from onnx import TensorProto, helper, numpy_helper
+def _bias_fill(att, producer, consts) -> np.ndarray | None:
+    """The export's mask fill value (in Q's type) behind the Attention node's additive bias."""
+    where = producer.get(att.input[3])
+    if where is None or where.op_type != "Where" or where.input[2] not in consts:
+        return None
+    fill = np.asarray(consts[where.input[2]]())
+    return fill.reshape(()) if fill.size == 1 else None
 
-    one = "llama_trt.gqa.one"
-    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int32), one))
-    return [
-        helper.make_node("Shape", ["attention_mask"], ["llama_trt.gqa.width64"], start=1, end=2),
-        helper.make_node("Cast", ["llama_trt.gqa.width64"], ["llama_trt.gqa.width"], to=TensorProto.INT32),
-        helper.make_node("Squeeze", ["llama_trt.gqa.width"], [_TOTAL]),
-        helper.make_node("Shape", ["input_ids"], ["llama_trt.gqa.batch"], start=0, end=1),
-        helper.make_node("Sub", ["llama_trt.gqa.width", one], ["llama_trt.gqa.last"]),
-        helper.make_node("Expand", ["llama_trt.gqa.last", "llama_trt.gqa.batch"], [_SEQLENS]),
-    ]
+
+def _session_inputs(model, dtype: int) -> None:
+    """The attention inputs the session computes from the mask (see :mod:`.ort_shared_kv`)."""
+    from onnx import TensorProto, helper
+
+    model.graph.input.extend([
+        helper.make_tensor_value_info(ATTENTION_BIAS, dtype, ["batch", 1, "seq", "total"]),
+        helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, []),
+    ])
 
 
 def attention_to_gqa(model, head_dim: int | None) -> tuple[int, str | None]:
@@ -101,34 +112,44 @@ def attention_to_gqa(model, head_dim: int | None) -> tuple[int, str | None]:
     atts = [n for n in g.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     if not atts:
         return 0, "no Attention nodes"
-    plans = {}
+    from ...trt_engines.lowering import _constant_values
+
+    consts = _constant_values(g)
+    plans, fills = {}, set()
     for att in atts:
         plan = _plan(att, producer, consumers, head_dim)
-        if isinstance(plan, str):
-            return 0, f"{att.name or att.output[0]}: {plan}"
+        fill = _bias_fill(att, producer, consts)
+        if isinstance(plan, str) or fill is None:
+            return 0, f"{att.name or att.output[0]}: {plan if isinstance(plan, str) else 'mask is not Where(cond, 0, fill)'}"
         plans[id(att)] = plan
+        fills.add((fill.dtype.str, float(fill)))
+    if len(fills) != 1:
+        return 0, f"attention blocks use different mask fills {sorted(fills)}"
     replace, drop = {}, set()
     for att in atts:
         packed, rope, gone = plans[id(att)]
         a = _attrs(att)
         gqa = helper.make_node(
             "GroupQueryAttention",
-            [packed, "", "", att.input[4], att.input[5], _SEQLENS, _TOTAL, rope.input[1], rope.input[2], rope.input[3],
-             att.input[3]],
+            [packed, "", "", att.input[4], att.input[5], SEQLENS_K, TOTAL_LENGTH, rope.input[1], rope.input[2],
+             rope.input[3], ATTENTION_BIAS],
             list(att.output), name=(att.name or att.output[0]) + ".gqa", domain="com.microsoft",
             num_heads=int(a["q_num_heads"]), kv_num_heads=int(a["kv_num_heads"]), scale=float(a.get("scale", 0.0)),
             do_rotary=1, rotary_interleaved=int(_attrs(rope).get("interleaved", 0)))
         replace[id(att)] = [gqa]
         drop.update(id(n) for n in gone)
     _splice(g, replace, drop)
-    for k, n in enumerate(_length_nodes(model)):  # read graph inputs only: first is always in order
-        g.node.insert(k, n)
+    from onnx import helper as _h
+
+    (dtype_str, fill), = fills
+    _session_inputs(model, _h.np_dtype_to_tensor_dtype(np.dtype(dtype_str)))
     use_ms_domain(model)
     meta = {p.key: p for p in model.metadata_props}
-    if KV_LAYOUT_KEY in meta:
-        meta[KV_LAYOUT_KEY].value = SHARED
-    else:
-        model.metadata_props.add(key=KV_LAYOUT_KEY, value=SHARED)
+    for key, value in ((KV_LAYOUT_KEY, SHARED), (FILL_KEY, repr(fill))):
+        if key in meta:
+            meta[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
     return len(atts), None
 
 
@@ -140,4 +161,13 @@ def kv_layout(model) -> str:
     return "concat"
 
 
-__all__ = ["KV_LAYOUT_KEY", "SHARED", "attention_to_gqa", "kv_layout"]
+def attention_fill(model) -> float | None:
+    """The mask fill value the session puts in :data:`ATTENTION_BIAS` (None: not a GQA graph)."""
+    for p in model.metadata_props:
+        if p.key == FILL_KEY:
+            return float(p.value)
+    return None
+
+
+__all__ = ["ATTENTION_BIAS", "FILL_KEY", "KV_LAYOUT_KEY", "SEQLENS_K", "SHARED", "TOTAL_LENGTH", "attention_fill",
+           "attention_to_gqa", "kv_layout"]

@@ -18,10 +18,12 @@ per layer (the GQA expand copies the whole cache every step). At batch 1 decode 
   [batch, seq, heads*head_dim] (RoPE with ``num_heads``), so the per-head
   Reshape/Transpose copies around it go too.
 
-Finally MatMuls that read the same activation with constant weights (q/k/v, gate/up) are
-packed into one MatMul + Split. On the 124.7M benchmark model ORT executes 176 nodes per
-decode step instead of 984 (49 MatMuls instead of 97 + 12 FusedMatMul); timings in
-benchmarks/RESULTS.md.
+Then the q/k/v MatMuls of each layer are packed into one (quantized ones by :mod:`.ort_pack`,
+which also serves a tied int4 table's embedding rows with ``GatherBlockQuantized``), and where
+the kernel allows, :mod:`.ort_gqa` turns Split + two RoPE + Attention into one
+``GroupQueryAttention`` on an in-place KV cache whose padding bias and lengths the session feeds
+(the export's mask subgraph goes). Finally the lm head reads only the positions the session asks
+for (:data:`LOGITS_INDEX`). Counts and timings: benchmarks/RESULTS.md.
 
 A block that does not match the expected pattern is left as it is. The pass runs on the
 graph without its weights (:mod:`.onnx_skeleton`); :mod:`.ort_cache` keeps the result per
@@ -39,9 +41,9 @@ from ...trt_engines.lowering import (
     MIN_NATIVE_OPSET, LoweringOptions, _drop_unused, count_fused_nodes, default_opset, lower_model,
 )
 from .ort_attention import attention_3d, fuse_attention
-from .ort_gqa import attention_to_gqa, kv_layout
+from .ort_gqa import attention_fill, attention_to_gqa, kv_layout
 from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice, readers
-from .ort_pack import drop_zero_int8_zero_points, gather_quantized_rows, pack_quantized_matmuls
+from .ort_pack import PACK_MIN, drop_zero_int8_zero_points, gather_quantized_rows, pack_quantized_matmuls
 
 
 @dataclass
@@ -59,6 +61,7 @@ class OrtLoweringReport:
     quantized_row_gathers: int = 0     # embeddings gathered from a dequantized int4 table -> GatherBlockQuantized
     group_query_attention: int = 0     # attention blocks -> GroupQueryAttention on an in-place KV cache
     kv_layout: str = "concat"          # "shared-buffer" when every block is GroupQueryAttention
+    attention_fill: float | None = None  # the padding bias' fill value the session feeds (shared-buffer)
     logits_index: bool = False         # the lm head reads only the positions fed in LOGITS_INDEX
     nodes_before: int = 0
     nodes_after: int = 0
@@ -79,6 +82,7 @@ class OrtLoweringReport:
             "embedding rows gathered from the int4 table (GatherBlockQuantized)": self.quantized_row_gathers,
             "GroupQueryAttention(com.microsoft, RoPE inside, KV cache updated in place)": self.group_query_attention,
             "kv_layout": self.kv_layout,
+            **({"attention_fill": self.attention_fill} if self.attention_fill is not None else {}),
             f"lm head on the positions in input {LOGITS_INDEX!r} only": self.logits_index,
             "graph_nodes": f"{self.nodes_before} -> {self.nodes_after} (function bodies counted inlined)",
             **({"notes": self.notes} if self.notes else {}),
@@ -129,9 +133,11 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         if why:
             report.notes.append(f"GroupQueryAttention not used: {why}")
         report.kv_layout = kv_layout(out)
+        report.attention_fill = attention_fill(out)
     report.logits_index = _logits_index(out)
     _remove_dead_nodes(out)
     _drop_unused(out)
+    _drop_unread_inputs(out)
     report.nodes_after = _inlined_node_count(out)
     return out, report
 
@@ -169,6 +175,18 @@ def _logits_index(model) -> bool:
         if out.name == "logits" and out.type.tensor_type.shape.dim:
             out.type.tensor_type.shape.dim[1].dim_param = "logits_positions"
     return True
+
+
+def _drop_unread_inputs(model) -> None:
+    """Graph inputs no node reads (``attention_mask`` once GroupQueryAttention takes the session's
+    bias): ONNX Runtime would insist on being fed them."""
+    from ...trt_engines.lowering import _names_read
+
+    read = _names_read(model.graph.node) | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.input if i.name in read]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
 
 
 def _has_external(model) -> bool:
@@ -251,7 +269,7 @@ def _first_use_after(nodes, node) -> bool:
 
 
 def _pack_matmuls(model) -> str:
-    """MatMuls reading the same activation with constant 2D weights (q/k/v; gate/up) -> one MatMul
+    """MatMuls reading the same activation with constant 2D weights (q/k/v) -> one MatMul
     over the weights concatenated along N, then Split: one weight pass per group. Weights held in
     the graph are concatenated here; weights left in the export's file (external data) get a
     ``Concat`` node instead, which ONNX Runtime folds into one constant at session open, so no
@@ -271,7 +289,7 @@ def _pack_matmuls(model) -> str:
     drop: set[int] = set()
     for x, mms in groups.items():
         ws = [inits[m.input[1]] for m in mms]
-        if len(mms) < 2 or len({w.dims[0] for w in ws}) != 1 or len({w.data_type for w in ws}) != 1:
+        if len(mms) < PACK_MIN or len({w.dims[0] for w in ws}) != 1 or len({w.data_type for w in ws}) != 1:
             continue
         k = len(replace)
         wname, yname = f"llama_trt.packed_weight.{k}", f"llama_trt.packed_matmul.{k}"

@@ -47,7 +47,7 @@ from ...errors import BackendUnavailableError
 from ..artifact import Artifact, ArtifactError
 from .base import Session, physical_cores
 from .ort_cache import SessionGraph, session_graph
-from .ort_gqa import SHARED
+from .ort_gqa import ATTENTION_BIAS, SEQLENS_K, SHARED, TOTAL_LENGTH
 from .ort_lowering import LOGITS_INDEX
 from .ort_shared_kv import SharedKV, bind_logits_index
 
@@ -149,6 +149,7 @@ class OrtSession(Session):
         # a GroupQueryAttention graph updates its cache in place: one buffer per layer (ort_shared_kv)
         self.kv_layout = SHARED if report.get("kv_layout") == SHARED else "concat"
         self._shared: SharedKV | None = None
+        self._attention_fill = float(report.get("attention_fill", np.finfo(np.float32).min))
         # the graph's big initializers are references into the export's own file(s)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(self.graph.weights_dir))
@@ -194,7 +195,8 @@ class OrtSession(Session):
         c = self.config
         inputs = {i.name: i for i in self.sess.get_inputs()}
         outputs = {o.name for o in self.sess.get_outputs()}
-        need_in = ["input_ids", "attention_mask", "position_ids"] + [
+        mask_inputs = [ATTENTION_BIAS, SEQLENS_K, TOTAL_LENGTH] if self.kv_layout == SHARED else ["attention_mask"]
+        need_in = ["input_ids", *mask_inputs, "position_ids"] + [
             f"past_key_values.{i}.{kv}" for i in range(c.num_layers) for kv in ("key", "value")]
         need_out = ["logits"] + [f"present.{i}.{kv}" for i in range(c.num_layers) for kv in ("key", "value")]
         missing = [n for n in need_in if n not in inputs] + [n for n in need_out if n not in outputs]
@@ -232,7 +234,7 @@ class OrtSession(Session):
             self._shared = SharedKV(self.sess, self._io, names=self._names, n_kv_heads=c.num_kv_heads,
                                     head_dim=c.head_dim, dtype=self.kv_dtype, batch=batch, capacity=capacity,
                                     vocab_size=c.vocab_size, alloc=self._alloc, ptr=self._ptr,
-                                    logits_index=self._logits_index)
+                                    logits_index=self._logits_index, fill=self._attention_fill)
         elif self.kv_mode == "prealloc":
             n = batch * c.num_kv_heads * capacity * c.head_dim
             # two buffers (A, B) per layer for key and value: [layer][k|v][A|B]

@@ -3,8 +3,8 @@
 Each layer's keys and values live in one ``[batch, n_kv_heads, capacity, head_dim]`` buffer,
 bound once per :meth:`SharedKV.__init__` as both ``past_key_values.i.*`` and ``present.i.*``;
 the kernel writes each step's new entries at positions ``past .. past + seq - 1`` itself. A
-step binds only ids, mask, positions and the logits: 4 bindings instead of 4 per layer, and no
-copy of the past.
+step binds only ids, positions, the padding bias (from ``attention_mask``: the kernel masks the
+future itself), the two lengths and the logits, and nothing copies the past.
 
 Positions. In a first prompt (past = 0) ONNX Runtime 1.32 rotates token ``t`` of every row by
 ``position_ids[0, 0] + t`` (row 0's first entry, whatever the others say); later steps honour
@@ -20,6 +20,8 @@ on views of the buffers.
 from __future__ import annotations
 
 import numpy as np
+
+from .ort_gqa import ATTENTION_BIAS, SEQLENS_K, TOTAL_LENGTH
 
 
 def bind_logits_index(io, has_input: bool, seq: int, last_only: bool) -> int:
@@ -37,7 +39,7 @@ class SharedKV:
     """Buffers, bindings and position offsets of one cache of ``batch`` rows x ``capacity`` tokens."""
 
     def __init__(self, sess, io, *, names, n_kv_heads: int, head_dim: int, dtype, batch: int, capacity: int,
-                 vocab_size: int, alloc, ptr, logits_index: bool = False) -> None:
+                 vocab_size: int, alloc, ptr, logits_index: bool = False, fill: float) -> None:
         self.sess, self.io = sess, io
         self.names = names                     # [(past k, past v, present k, present v)] per layer
         self.shape = [batch, n_kv_heads, capacity, head_dim]
@@ -45,6 +47,7 @@ class SharedKV:
         self.dtype = np.dtype(dtype)
         self.vocab_size = vocab_size
         self.logits_index = logits_index
+        self.fill = np.asarray(fill, dtype=self.dtype)
         n = batch * self.row_elems
         self.bufs = [(alloc(n), alloc(n)) for _ in names]
         self.ptrs = [(ptr(k), ptr(v)) for k, v in self.bufs]
@@ -63,8 +66,14 @@ class SharedKV:
 
     def _run(self, ids, mask, pos, logits, last_only: bool) -> None:
         io = self.io
+        b, seq = ids.shape
+        total = mask.shape[1]
+        # padding only: the kernel masks the future itself
+        pad = np.where(mask != 0, np.zeros((), self.dtype), self.fill)[:, None, None, :]
         io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input(ATTENTION_BIAS, np.ascontiguousarray(np.broadcast_to(pad, (b, 1, seq, total))))
+        io.bind_cpu_input(SEQLENS_K, np.full(b, total - 1, dtype=np.int32))
+        io.bind_cpu_input(TOTAL_LENGTH, np.array(total, dtype=np.int32))
         io.bind_cpu_input("position_ids", pos)
         bind_logits_index(io, self.logits_index, ids.shape[1], last_only)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
