@@ -41,7 +41,7 @@ from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, QUANTIZE_SCHEMES, FiniteFl
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
               help="Calibration data for int8-sq / int4-awq / int8-weight's AWQ scaling: text (needs the checkpoint's tokenizer) or token ids "
                    "(.npy, or .txt of comma/space separated ints). Default: the model's own sampled text.")
-@click.option("--calib-samples", type=click.IntRange(1), default=None, help="Calibration sequences (default 16, 64 tokens each).")
+@click.option("--calib-samples", type=click.IntRange(1), default=None, help="Calibration sequences of 64 tokens (default 16; 128 for int8-weight, whose GPTQ rounding needs them).")
 @friendly_errors
 def export_cmd(checkpoint: Path, out_dir: Path, dtype: str, opset: int, force: bool, no_ort_check: bool,
                quantize, group_size, int4_zero_point, quantize_embeddings, quantize_lm_head, quantize_exclude,

@@ -36,6 +36,7 @@ class AwqReport:
     scales: dict[str, dict[str, float]] = field(default_factory=dict)   # group -> alpha, loss before/after
     clipped: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)                    # groups with no exact fold
+    vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # input key -> the s folded in
 
     def to_dict(self) -> dict:
         return {"scale_search": self.scales, "clip_search": self.clipped, "unscaled": self.skipped,
@@ -161,6 +162,7 @@ def apply_awq(model, sites: list[LinearSite], inputs: dict[str, np.ndarray], gro
         else:
             s, stats = search_scale(x, torch.cat(ws, dim=1), group, symmetric)
             report.scales[key] = {k: round(v, 8) for k, v in stats.items()}
+            report.vectors[key] = s
             if how == "norm":
                 _replace_init(graph, target, (_init_array(graph, target) / s).astype(np.float32))
             else:

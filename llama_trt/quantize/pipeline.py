@@ -33,6 +33,7 @@ from .schemes import QuantizeOptions
 from .weights import quantize_blocked
 
 CALIB_BATCH = 4
+AWQ_SAMPLES = 16  # calibration sequences whose layer inputs the AWQ search sees
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1 - (64 << 20)  # as the exporter: weights > ~2 GB go to external data
 
 
@@ -90,31 +91,75 @@ def _torch_model(cfg: dict, state_dict):
 
 
 def awq_search(model, sites, group, options, record, *, base_dir, base, state_dict, tokenizer_files,
-               prog) -> dict[str, np.ndarray]:
-    """Calibrate, capture the layers' inputs (torch), search and fold AWQ scales; returns the clips."""
+               prog, calib=None, torch_model=None):
+    """Calibrate (unless ``calib`` is given), capture the layers' inputs (torch) over the first
+    :data:`AWQ_SAMPLES` sequences, search and fold AWQ scales; returns (clips, AwqReport)."""
     from .awq import apply_awq
     from .stats import input_key, linear_inputs
 
-    calib = calibration(options, base_dir, base, tokenizer_files, prog)
+    if calib is None:
+        calib = calibration(options, base_dir, base, tokenizer_files, prog)
     record["calibration"] = calib.to_dict()
     searched = [s for s in sites if s.name != "lm_head"]
-    batches = _batches(calib.tokens)
-    inputs = linear_inputs(_torch_model(base.config, state_dict), batches, [s.name for s in searched],
+    batches = _batches(calib.tokens[:AWQ_SAMPLES])  # 512 rows are sampled: more only costs memory
+    torch_model = torch_model or _torch_model(base.config, state_dict)
+    inputs = linear_inputs(torch_model, batches, [s.name for s in searched],
                            seed=options.seed, on_batch=prog.task("activation capture (torch)", len(batches)))
     clips, report = apply_awq(model, searched, inputs, group, options.scheme.symmetric, base.config,
                               on_group=prog.task("AWQ scale search", len({input_key(s.name) for s in searched})))
     record["awq"] = report.to_dict()
-    return clips
+    return clips, report
 
 
-def quantize_int8_weight(model, sites, options, **kw) -> dict[str, Any]:
-    """int8 per channel, after the activation-aware scale search (int8-weight)."""
+def quantize_int8_weight(model, sites, options, *, base_dir, base, state_dict, tokenizer_files,
+                         prog) -> dict[str, Any]:
+    """int8 per channel, after the activation-aware scale search, rounded by GPTQ (int8-weight)."""
     record: dict[str, Any] = {}
-    if options.scheme.awq:
-        awq_search(model, sites, None, options, record, **kw)
-    for s in sites:
-        add_weight_dq(model, s.weight, axis=1)
+    sch = options.scheme
+    calib = calibration(options, base_dir, base, tokenizer_files, prog) if sch.calibrated else None
+    torch_model = _torch_model(base.config, state_dict) if sch.calibrated else None
+    vectors: dict[str, np.ndarray] = {}
+    if sch.awq:
+        _, report = awq_search(model, sites, None, options, record, base_dir=base_dir, base=base,
+                               state_dict=state_dict, tokenizer_files=tokenizer_files, prog=prog, calib=calib,
+                               torch_model=torch_model)
+        vectors = report.vectors
+    if not sch.gptq:
+        for s in sites:
+            add_weight_dq(model, s.weight, axis=1)
+        return record
+    record["calibration"] = calib.to_dict()
+    record["gptq"] = gptq_round(model, sites, torch_model, _batches(calib.tokens), vectors, prog)
     return record
+
+
+def gptq_round(model, sites, torch_model, batches, awq_vectors, prog) -> dict[str, Any]:
+    """Hessians of the layers' inputs over every calibration token (of the float model: an AWQ fold
+    divides a layer's input by ``s``, so its Hessian by ``s s^T``), then GPTQ per layer."""
+    from .gptq import GptqSettings, channel_scales, gptq_int8, output_error
+    from .stats import input_key, linear_hessians
+    from .weights import QuantizedWeight
+
+    hessians, tokens = linear_hessians(torch_model, batches, [s.name for s in sites],
+                                       on_batch=prog.task("Hessians of the layer inputs (torch)", len(batches)))
+    settings = GptqSettings()
+    tick = prog.task("GPTQ rounding", len(sites))
+    err_rtn = err_gptq = 0.0
+    for s in sites:
+        key = input_key(s.name)
+        h = hessians[key]
+        if key in awq_vectors:
+            inv = 1.0 / awq_vectors[key].astype(np.float64)
+            h = h * np.outer(inv, inv)
+        w = _init_array(model.graph, s.weight)
+        q, scale = gptq_int8(w, h, settings)
+        rtn = np.clip(np.rint(w / channel_scales(w)[None, :]), -127, 127)
+        err_rtn += output_error(w, rtn, channel_scales(w), h)
+        err_gptq += output_error(w, q, scale, h)
+        replace_with_dq(model, s.weight, QuantizedWeight(q, scale, np.zeros(scale.shape, np.int8), 1, None, "int8"))
+        tick()
+    return {**settings.to_dict(), "hessian_tokens": int(tokens), "layers": len(sites),
+            "output_error_vs_rtn": round(err_gptq / err_rtn, 4) if err_rtn else None}
 
 
 def quantize_int4(model, sites, options, *, base_dir, base, state_dict, tokenizer_files, prog) -> dict[str, Any]:
@@ -130,8 +175,8 @@ def quantize_int4(model, sites, options, *, base_dir, base, state_dict, tokenize
     int8 += head8
     clips: dict[str, np.ndarray] = {}
     if sch.awq:
-        clips = awq_search(model, int4, g, options, record, base_dir=base_dir, base=base, state_dict=state_dict,
-                           tokenizer_files=tokenizer_files, prog=prog)
+        clips, _ = awq_search(model, int4, g, options, record, base_dir=base_dir, base=base, state_dict=state_dict,
+                              tokenizer_files=tokenizer_files, prog=prog)
     for s in int4:
         w = _init_array(model.graph, s.weight)
         replace_with_dq(model, s.weight, quantize_blocked(w, g, symmetric=sch.symmetric, clip=clips.get(s.name)))

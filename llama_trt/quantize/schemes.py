@@ -7,7 +7,8 @@ records :meth:`Scheme.to_dict`, so an artifact says exactly what it holds.
 ==============  =====================================================================
 ``int8-weight``  W8A16: int8 weights, one symmetric scale per output channel
                  (``DequantizeLinear(axis=1)`` on a ``[K, N]`` MatMul weight), after AWQ's
-                 activation-aware scale search (exact folds only; alpha 0 = plain rounding).
+                 activation-aware scale search (exact folds only; alpha 0 = plain rounding),
+                 rounded by GPTQ on 128 x 64 calibration tokens.
 ``int8-sq``      W8A8 SmoothQuant: int8 per-channel weights and per-tensor int8
                  activations; refused when it misses its KL target (see smoothquant.py).
 ``int4-awq``     W4A16: int4 weights in blocks of ``group_size`` along the input
@@ -26,6 +27,7 @@ from ..errors import ExportError
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, check_calibration_file
 
 DEFAULT_ALPHA = 0.5
+GPTQ_SAMPLES = 128  # x 64 tokens: SmolLM2 int8-weight KL 0.0038 with 16 sequences, 0.0032 with 128 (gptq.py)
 DEFAULT_GROUP = 64
 GROUP_SIZES = (32, 64, 128)
 # The block sizes offered for TensorRT INT4 weight-only (ModelOpt's int4_awq uses 128; DESIGN.md: a
@@ -44,6 +46,8 @@ class Scheme:
     activations: bool = False           # W8A8: activations quantized per tensor too
     awq: bool = False                   # activation-aware scale + clip search
     calibrated: bool = False            # needs calibration text
+    gptq: bool = False                  # GPTQ rounding (int8 per channel; see gptq.py)
+    calib_samples: int = DEFAULT_SAMPLES  # default calibration sequences (GPTQ's Hessians want thousands of tokens)
 
     @property
     def weight_dtype(self) -> str:
@@ -67,7 +71,7 @@ class Scheme:
 
 
 SCHEMES: dict[str, Scheme] = {
-    "int8-weight": Scheme("int8-weight", 8, awq=True, calibrated=True),
+    "int8-weight": Scheme("int8-weight", 8, awq=True, calibrated=True, gptq=True, calib_samples=GPTQ_SAMPLES),
     "int8-sq": Scheme("int8-sq", 8, activations=True, calibrated=True),
     "int4-awq": Scheme("int4-awq", 4, DEFAULT_GROUP, awq=True, calibrated=True),
     "int4-rtn": Scheme("int4-rtn", 4, DEFAULT_GROUP),
@@ -149,7 +153,7 @@ def parse_options(scheme, *, quantize_embeddings=None, quantize_lm_head=None, sq
         raise ExportError("--sq-alpha / --sq-target-kl only apply to --quantize int8-sq")
     if sq_target_kl is not None and not float(sq_target_kl) > 0:
         raise ExportError(f"--sq-target-kl must be > 0, got {sq_target_kl}")
-    samples = DEFAULT_SAMPLES if calib_samples is None else calib_samples
+    samples = sch.calib_samples if calib_samples is None else calib_samples
     seq_len = DEFAULT_SEQ_LEN if calib_seq_len is None else calib_seq_len
     if not isinstance(samples, int) or samples < 1:
         raise ExportError(f"--calib-samples must be a positive integer, got {calib_samples!r}")

@@ -6,6 +6,8 @@
   pre-hooks), a seeded subsample of token rows per input: what AWQ's scale and clipping
   searches need (and the per-layer damage of W8A8). Layers sharing an input (q/k/v, gate/up)
   share one entry, keyed by the first layer's name.
+* :func:`linear_hessians`: ``2 X^T X / n`` of the same inputs over every calibration token
+  (accumulated batch by batch, never holding the rows): GPTQ's statistic.
 """
 
 from __future__ import annotations
@@ -81,6 +83,36 @@ def linear_inputs(torch_model, batches, names, *, max_rows: int = 512, seed: int
     return {k: torch.cat(v)[torch.from_numpy(pick)].numpy() for k, v in chunks.items()}
 
 
+def linear_hessians(torch_model, batches, names, on_batch=None) -> tuple[dict[str, np.ndarray], int]:
+    """``({input key: 2 X^T X / n [K, K] float32}, n)`` for the linear modules ``names``, X being
+    every token row of their input over the batches."""
+    import torch
+
+    keys = sorted({input_key(n) for n in names})
+    modules = dict(torch_model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    rows = {k: 0 for k in keys}
+    hooks = []
+    for k in keys:
+        def hook(_mod, args, k=k):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            xtx = x.T @ x
+            sums[k] = xtx if k not in sums else sums[k].add_(xtx)
+            rows[k] += x.shape[0]
+        hooks.append(modules[k].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                torch_model(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
+                if on_batch is not None:
+                    on_batch()
+    finally:
+        for h in hooks:
+            h.remove()
+    n = max(rows.values()) if rows else 0
+    return {k: (sums[k] * (2.0 / rows[k])).numpy() for k in keys if rows[k]}, n
+
+
 def capture_tensors(model, manifest, batches, tensors, *, max_rows: int = 512,
                     seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Rows ``[<= max_rows, C]`` of graph tensors (last axis kept) over the batches (ONNX Runtime),
@@ -97,4 +129,4 @@ def capture_tensors(model, manifest, batches, tensors, *, max_rows: int = 512,
     return ({t: np.concatenate(p)[pick] for t, p in parts.items()},
             {t: float(max(np.abs(a).max() for a in p)) for t, p in parts.items()})
 
-__all__ = ["SHARED_INPUT", "activation_absmax", "capture_tensors", "input_key", "linear_inputs"]
+__all__ = ["SHARED_INPUT", "activation_absmax", "capture_tensors", "input_key", "linear_hessians", "linear_inputs"]

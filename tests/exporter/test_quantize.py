@@ -167,20 +167,20 @@ def test_smoothing_is_exact_in_float(fp32_dir, state_dict):
 
 
 def test_int8_weight_accuracy(report, w8, w8_keep_l0):
-    # measured (exact graph semantics): ppl ratio 1.052, KL 0.035, top-1 0.87, teacher-forced
-    # greedy 0.92; free-running greedy flips at step 0 (the fp32 top-2 margin there is 0.11
-    # logits, 0.003 at step 37), so free-running agreement is reported, not gated here.
+    # measured with AWQ + GPTQ (exact graph semantics): ppl ratio 1.008, KL 0.020, top-1 0.90,
+    # teacher-forced greedy 0.94 (AWQ alone: 1.052 / 0.035 / 0.87 / 0.92); free-running greedy
+    # flips on near-ties (fp32 top-2 margins of 0.003 logits), so it is reported, not gated here.
     c = _cand(report, w8[0])
-    assert c["perplexity_ratio"] < 1.08
-    assert c["kl_mean"] < 0.05 and c["top1_agreement"] > 0.82
+    assert c["perplexity_ratio"] < 1.03
+    assert c["kl_mean"] < 0.03 and c["top1_agreement"] > 0.87
     assert c["greedy_teacher_forced"] >= 0.90
     # ORT's default CPU path (DQ+MatMul -> MatMulNBits, int8 compute) loses a bit more
     d = _cand(report, w8[0], "ort_default")
-    assert d["perplexity_ratio"] < 1.12 and d["kl_mean"] < 0.06
-    # layer 0 carries most of the error on this model; keeping it in fp32 meets 2% / 95%
+    assert d["perplexity_ratio"] < 1.05 and d["kl_mean"] < 0.045
+    # layer 0 carries most of the remaining error on this model: kept in fp32, KL 0.0075
     k = _cand(report, w8_keep_l0[0])
-    assert k["perplexity_ratio"] < 1.02
-    assert k["greedy_teacher_forced"] >= 0.95
+    assert k["perplexity_ratio"] < 1.02 and k["kl_mean"] < 0.6 * c["kl_mean"]
+    assert k["greedy_teacher_forced"] >= 0.93
 
 
 def test_int8_sq_accuracy(report, sq):

@@ -2,8 +2,8 @@
 
 One fp32 export; each scheme is quantized from it and certified by validate's teacher-forced
 certificate (the fp32 torch model over the built-in corpus of real English, ~2,700 tokens,
-the export run by ONNX Runtime as ``run`` runs it). Thresholds: KL < 0.01 / top-1 > 95% for
-int8-weight; for int4, AWQ must beat plain rounding (KL <= 0.7x, the issue's target) and the
+the export run by ONNX Runtime as ``run`` runs it). Thresholds: the issue's KL <= 0.004 / top-1 >=
+96.5% for int8-weight; for int4, AWQ must beat plain rounding (KL <= 0.7x, the issue's target) and the
 file must be < 0.4x an fp16 file.
 """
 
@@ -55,10 +55,16 @@ def _fp16_bytes(ckpt) -> int:
 
 
 def test_int8_weight_meets_the_issue_target(certified):
+    """Issue 13: KL <= 0.004 and top-1 >= 96.5% as `run` executes it (ONNX Runtime CPU, MatMulNBits
+    at its default accuracy level). Measured with AWQ + GPTQ on 8,192 calibration tokens: KL 0.0032,
+    top-1 96.7% (AWQ alone: 0.0039 / 96.2%)."""
     _, man = certified("int8-weight")
     cert = man.certificate
     assert cert["tokens"] >= 2000
-    assert cert["kl"] < 0.01 and cert["top1"] > 0.95, cert
+    assert cert["kl"] <= 0.004 and cert["top1"] >= 0.965 and cert["passed"], cert
+    gptq = man.quantization["gptq"]
+    assert gptq["hessian_tokens"] >= 8000 and gptq["output_error_vs_rtn"] < 0.5, gptq
+    assert man.quantization["lm_head"] == "float"
 
 
 def test_int4_awq_beats_rtn_and_shrinks_the_file(certified, smol):
