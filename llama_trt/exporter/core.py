@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..cli_support import BACKEND_HELP, FiniteFloat, backend_option, friendly_errors, tokenizer_options
+from ..cli_support import FiniteFloat, backend_option, friendly_errors, tokenizer_options
 
 THREADS = click.IntRange(1, 1024)
 

@@ -73,8 +73,6 @@ def test_left_padding_matches_unpadded(tmp_path):
 
 @pytest.mark.parametrize("layout", ["sharded_safetensors", "pytorch_bin"])
 def test_other_hf_weight_layouts(tmp_path, layout):
-    from transformers import LlamaForCausalLM
-
     path = make_hf_checkpoint(tmp_path / "base")
     ref = hf_model(path)
     out = tmp_path / layout

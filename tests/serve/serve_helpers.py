@@ -44,8 +44,6 @@ def write_tokenizer(folder: Path, vocab_size: int = 256) -> None:
 
 # ---------------------------------------------------------------------------------------
 # a real uvicorn server in a background thread, and a session we can slow down or hold
-import asyncio  # noqa: E402
-import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 

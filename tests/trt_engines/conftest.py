@@ -6,7 +6,6 @@ TensorRT and skip with the reason when neither is importable.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.tensorrt
