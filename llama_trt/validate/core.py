@@ -9,13 +9,13 @@ Flow (Polygraphy is the harness):
 3. ``Comparator.compare_accuracy`` with ``SimpleCompareFunc`` (``CompareFunc.simple``'s
    non-deprecated class) and per-output atol/rtol (``""`` = default);
 4. LLM metrics from the same RunResults: top-1 agreement, KL, cosine (all valid query
-   positions of all feeds), perplexity of the held-out sequence;
+   positions of all feeds), perplexity of the held-out sequence (steps 2-4: :mod:`.compare`);
 5. greedy generation with the KV cache, each backend on its own, through the same runners
    (:mod:`.greedy`; information: its first divergence and the reference's top-2 margin there);
 6. the accuracy certificate (:mod:`.teacher_forced`): teacher-forced KL / KL p99 / top-1 /
    perplexity ratio over real text, written into the export's manifest;
 7. optionally (``layerwise``) a second comparison on a copy of the ONNX with the layer
-   points marked as outputs (:mod:`.layerwise`).
+   points marked as outputs (:func:`.layerwise.compare_layers`).
 
 The verdict is the conjunction of the elementwise comparisons, the cosine gate on the feeds
 and the certificate's gates (KL, KL p99, top-1, perplexity ratio over the evaluation text);
@@ -24,8 +24,6 @@ the feeds' KL / top-1, greedy agreement and the layer-wise table are diagnostics
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,12 +31,9 @@ import numpy as np
 
 from ..config import LlamaConfig, Precision
 from ..errors import ValidationError
-from . import metrics as M
-from .report import (
-    FeedInfo, LayerPoint, LayerwiseResult, MetricResult, OutputResult, PerplexityResult,
-    ValidationReport, finite,
-)
-from .tolerances import METRICS, Tolerances, default_tolerances
+from . import compare as C
+from .report import FeedInfo, MetricResult, PerplexityResult, ValidationReport, finite
+from .tolerances import Tolerances, default_tolerances
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -109,17 +104,6 @@ def check_config_match(ckpt_config: LlamaConfig, artifact: Artifact, checkpoint)
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def quiet_polygraphy(verbose: bool = False):
-    from polygraphy.logger import G_LOGGER
-
-    if verbose:
-        yield
-        return
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        yield
-
-
 def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -134,45 +118,6 @@ def tool_versions() -> dict[str, str]:
     trt = tensorrt_version()
     if trt:
         out["tensorrt"] = trt
-    return out
-
-
-def _candidate_session(artifact: Artifact, backend: str):
-    """One ONNX Runtime session for the Comparator and the greedy run (each runner would build its own,
-    seconds for a 30-layer model); None for TensorRT (its runner deserializes the engine)."""
-    if backend != "onnxruntime":
-        return None
-    from polygraphy.backend.onnxrt import SessionFromOnnx
-
-    return SessionFromOnnx(str(artifact.model_file), providers=["CPUExecutionProvider"])()
-
-
-def _candidate_runner(artifact: Artifact, backend: str, onnx_path=None, name=None, session=None):
-    from .runners import onnxrt_runner, trt_runner
-
-    if backend == "onnxruntime":
-        return onnxrt_runner(onnx_path or artifact.model_file, name=name or "onnxruntime", session=session)
-    return trt_runner(artifact.model_file, name=name or "tensorrt")
-
-
-def _gate(name: str, value: float, threshold: float | None) -> MetricResult:
-    op, desc = METRICS[name]
-    if threshold is None:
-        return MetricResult(name, finite(value), None, "", None, desc)
-    ok = value >= threshold if op == ">=" else value <= threshold
-    ok = bool(ok) and not np.isnan(value)
-    return MetricResult(name, finite(value), float(threshold), op, ok, desc)
-
-
-def _output_results(accuracy, feed_names, tolerances: Tolerances, runner_pair) -> list[OutputResult]:
-    out = []
-    for it, per_output in enumerate(accuracy[runner_pair]):
-        for name, res in per_output.items():
-            atol, rtol = tolerances.for_output(name)
-            out.append(OutputResult(
-                feed=feed_names[it], output=name, max_abs=finite(res.max_absdiff), mean_abs=finite(res.mean_absdiff),
-                max_rel=finite(res.max_reldiff), atol=atol, rtol=rtol, passed=bool(res),
-            ))
     return out
 
 
@@ -286,131 +231,46 @@ def _compare(artifact, ref, artifact_dir, checkpoint, backend, steps, tolerances
             "checkpoint files differ from the ones the artifact was made from (sha256 mismatch); "
             "same config, so comparing anyway"
         )
-    if isinstance(tolerances, Tolerances):
-        tol = tolerances
-    else:
-        from .teacher_forced import scheme_of
-
-        scheme = scheme_of(artifact.manifest)
-        tol = default_tolerances(artifact.precision, scheme).with_overrides(dict(tolerances or {}))
-    cfg = ckpt.config
+    tol = _tolerances_for(artifact, tolerances)
 
     stage("reference feeds from real token ids")
     from .inputs import build_feed_list, describe
 
-    if heldout_tokens is None:
-        n = min(heldout_length, cfg.max_position_embeddings, artifact.max_tokens or heldout_length)
-        heldout = ref.sample_tokens(n, seed=seed, bos=cfg.bos_token_id)
-    else:
-        heldout = [int(t) for t in heldout_tokens]
-        bad = [t for t in heldout if not 0 <= t < cfg.vocab_size]
-        if len(heldout) < 16 or bad:
-            raise ValidationError(f"held-out tokens must be >= 16 ids in 0..{cfg.vocab_size - 1}")
-    prompt = heldout[:8]
-    limit = min(cfg.max_position_embeddings, artifact.max_tokens or cfg.max_position_embeddings)
-    if len(prompt) + steps > limit:
-        raise ValidationError(f"--steps {steps} + prompt {len(prompt)} exceeds the context limit {limit}; use fewer steps")
+    heldout, prompt = _heldout_ids(artifact, ref, heldout_tokens, heldout_length, seed, steps)
     feeds = build_feed_list(ref.model, heldout, artifact.kv_dtype)
-    feed_names = [f.name for f in feeds]
 
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
-    from polygraphy.exception import PolygraphyException
-
-    from .runners import TorchRunner, output_names
-
-    ref_runner = TorchRunner(ckpt, past_dtype=artifact.kv_dtype, name="torch-fp32")
-    cand_session = _candidate_session(artifact, backend)
-    cand_runner = _candidate_runner(artifact, backend, session=cand_session)
-    names = output_names(cfg.num_layers)
-    unknown = tol.unmatched(names)
-    if unknown:
-        raise ValidationError(
-            f"--tol names no output: {', '.join(unknown)} (outputs: logits, present.{{i}}.key/value, "
-            "layerwise.* with --layerwise; metrics: " + ", ".join(METRICS) + ")"
-        )
-    atol, rtol = tol.resolve(names)
-    compare = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise")
     stage(f"Comparator.run: torch fp32 vs {backend} ({len(feeds)} feeds)")
-    try:
-        with quiet_polygraphy(verbose):
-            run_results = Comparator.run([ref_runner, cand_runner], data_loader=[f.feed for f in feeds])
-            accuracy = Comparator.compare_accuracy(run_results, compare_func=compare)[0]
-            if run_results_path is not None:
-                run_results.save(str(run_results_path))
-    except PolygraphyException as e:
-        raise ValidationError(f"running the artifact failed (does it follow the IO contract?): {e}") from None
-    pair = (ref_runner.name, cand_runner.name)
-    outputs = _output_results(accuracy, feed_names, tol, pair)
-
-    # ---- LLM metrics over every real query position of every feed ----------
-    ref_iters, cand_iters = run_results[0][1], run_results[1][1]
-    kl, top1, cos = [], [], []
-    ppl_ref = ppl_cand = float("nan")
-    for f, ri, ci in zip(feeds, ref_iters, cand_iters):
-        r = np.asarray(ri["logits"], dtype=np.float64)[f.valid]
-        c = np.asarray(ci["logits"], dtype=np.float64)[f.valid]
-        kl.append(M.kl_divergence(r, c))
-        top1.append(M.top1_matches(r, c))
-        cos.append(M.cosine_similarity(r, c))
-        if f.name == "heldout":
-            ppl_ref = M.perplexity(np.asarray(ri["logits"])[0], heldout)
-            ppl_cand = M.perplexity(np.asarray(ci["logits"])[0], heldout)
-    kl, top1, cos = np.concatenate(kl), np.concatenate(top1), np.concatenate(cos)
+    session = C.candidate_session(artifact, backend)
+    run_results, outputs = C.compare_feeds(artifact, ckpt, backend, feeds, tol, session,
+                                           run_results_path=run_results_path, verbose=verbose)
+    fm = C.feed_metrics(feeds, run_results, heldout)
 
     stage(f"greedy generation, {steps} steps per backend")
+    from polygraphy.exception import PolygraphyException
+
     from .greedy import greedy_result
 
-    greedy_runner = _candidate_runner(artifact, backend, name=f"{backend}-greedy", session=cand_session)
+    greedy_runner = C.candidate_runner(artifact, backend, name=f"{backend}-greedy", session=session)
     try:
-        with quiet_polygraphy(verbose):
+        with C.quiet_polygraphy(verbose):
             greedy = greedy_result(ref, greedy_runner, prompt, steps, artifact.kv_dtype)
     except PolygraphyException as e:
         raise ValidationError(f"greedy generation on the artifact failed: {e}") from None
-    del cand_runner, greedy_runner, cand_session  # the certificate opens the runtime's own session
+    del greedy_runner, session  # the certificate opens the runtime's own session
 
     stage("teacher-forced certificate over the evaluation text")
     certificate = _certificate(artifact, ref, backend, tol, greedy, stage, cert_options)
-    thresholds = tol.metrics
-    metric_results = [
-        *_certificate_metrics(certificate),
-        _gate("cosine", float(cos.mean()), thresholds.get("cosine")),
-        MetricResult("feeds_top1", finite(float(top1.mean())), None, "", None, "top-1 agreement on the feeds (info)"),
-        MetricResult("feeds_kl", finite(float(kl.mean())), None, "", None, "mean KL on the feeds (info)"),
-        MetricResult("greedy", finite(float(greedy.agreement)), None, "", None,
-                     "greedy-token agreement over the generation (info: see its first divergence)"),
-        MetricResult("kl_max", finite(float(kl.max())), None, "", None, "max KL over the feeds' positions (info)"),
-        MetricResult("cosine_min", finite(float(cos.min())), None, "", None, "min cosine over positions (info)"),
-        MetricResult("positions", float(len(kl)), None, "", None, "positions compared for top1/kl/cosine"),
-        MetricResult("ppl_reference", finite(ppl_ref), None, "", None, "perplexity of the held-out ids, torch fp32"),
-        MetricResult("ppl_candidate", finite(ppl_cand), None, "", None, f"perplexity of the held-out ids, {backend}"),
-    ]
-    perplexity = PerplexityResult(
-        tokens=len(heldout), reference=finite(ppl_ref), candidate=finite(ppl_cand),
-        relative_difference=finite(abs(ppl_cand - ppl_ref) / ppl_ref),
-    )
+    metric_results = [*_certificate_metrics(certificate), *C.feed_metric_results(fm, greedy, tol.metrics, backend)]
 
-    # ---- layer-wise ------------------------------------------------------------
     layer_result = None
     if layerwise:
         stage("layer-wise comparison")
-        layer_result = _layerwise(artifact, backend, ckpt, feeds[0], tol, verbose)
+        from .layerwise import compare_layers
 
-    failures = []
-    failed_by_output: dict[str, list[OutputResult]] = {}
-    for o in outputs:
-        if not o.passed:
-            failed_by_output.setdefault(o.output, []).append(o)
-    for name, rows in failed_by_output.items():  # one line per output: its worst feed
-        w = max(rows, key=lambda r: r.max_abs)
-        failures.append(
-            f"output {name}: max abs error {w.max_abs:.3g} (max rel {w.max_rel:.3g}) exceeds atol {w.atol:g} / "
-            f"rtol {w.rtol:g} (worst feed {w.feed}; failing feeds: {', '.join(r.feed for r in rows)})"
-        )
-    for m in metric_results:
-        if m.passed is False:
-            failures.append(f"metric {m.name}: {m.value:.6g} fails {m.op} {m.threshold:g} ({m.description})")
+        layer_result = compare_layers(artifact, backend, ckpt, feeds[0], tol, verbose)
 
-    report = ValidationReport(
+    failures = C.failures_of(outputs, metric_results)
+    return ValidationReport(
         artifact=str(Path(artifact_dir).resolve()),
         artifact_kind=artifact.kind,
         checkpoint=str(Path(checkpoint).resolve()),
@@ -425,7 +285,10 @@ def _compare(artifact, ref, artifact_dir, checkpoint, backend, steps, tolerances
         outputs=tuple(outputs),
         metrics=tuple(metric_results),
         greedy=greedy,
-        perplexity=perplexity,
+        perplexity=PerplexityResult(
+            tokens=len(heldout), reference=finite(fm.ppl_reference), candidate=finite(fm.ppl_candidate),
+            relative_difference=finite(abs(fm.ppl_candidate - fm.ppl_reference) / fm.ppl_reference),
+        ),
         layerwise=layer_result,
         versions=tool_versions(),
         manifest=artifact.manifest,
@@ -434,7 +297,34 @@ def _compare(artifact, ref, artifact_dir, checkpoint, backend, steps, tolerances
         seconds=round(time.perf_counter() - t0, 3),
         certificate=certificate,
     )
-    return report
+
+
+def _tolerances_for(artifact, tolerances) -> Tolerances:
+    """A full :class:`Tolerances` as given, else the artifact scheme's defaults with the overrides."""
+    if isinstance(tolerances, Tolerances):
+        return tolerances
+    from .teacher_forced import scheme_of
+
+    scheme = scheme_of(artifact.manifest)
+    return default_tolerances(artifact.precision, scheme).with_overrides(dict(tolerances or {}))
+
+
+def _heldout_ids(artifact, ref, heldout_tokens, heldout_length: int, seed: int, steps: int):
+    """(held-out ids, the greedy prompt: their first 8), checked against the vocab and the context."""
+    cfg = ref.config
+    if heldout_tokens is None:
+        n = min(heldout_length, cfg.max_position_embeddings, artifact.max_tokens or heldout_length)
+        heldout = ref.sample_tokens(n, seed=seed, bos=cfg.bos_token_id)
+    else:
+        heldout = [int(t) for t in heldout_tokens]
+        bad = [t for t in heldout if not 0 <= t < cfg.vocab_size]
+        if len(heldout) < 16 or bad:
+            raise ValidationError(f"held-out tokens must be >= 16 ids in 0..{cfg.vocab_size - 1}")
+    prompt = heldout[:8]
+    limit = min(cfg.max_position_embeddings, artifact.max_tokens or cfg.max_position_embeddings)
+    if len(prompt) + steps > limit:
+        raise ValidationError(f"--steps {steps} + prompt {len(prompt)} exceeds the context limit {limit}; use fewer steps")
+    return heldout, prompt
 
 
 def _certificate(artifact, ref, backend, tol, greedy, stage, options):
@@ -467,50 +357,3 @@ def _certificate_metrics(cert) -> list[MetricResult]:
     return out
 
 
-def _layerwise(artifact: Artifact, backend: str, ckpt, feed, tol: Tolerances, verbose: bool) -> LayerwiseResult:
-    from onnx import TensorProto
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
-
-    from . import layerwise as LW
-    from .runners import TorchRunner
-
-    if artifact.kind != "onnx":
-        raise ValidationError(
-            "--layerwise needs the ONNX export (it marks intermediate tensors as outputs); "
-            "run it with --backend onnxruntime on the export folder"
-        )
-    elem = TensorProto.FLOAT16 if artifact.kv_dtype == np.float16 else TensorProto.FLOAT
-    with tempfile.TemporaryDirectory(prefix="llama-trt-layerwise-") as tmp:
-        marked = Path(tmp) / "model.layerwise.onnx"
-        points = LW.mark_layer_outputs(artifact.model_file, marked, ckpt.config.num_layers, elem)
-        ref = TorchRunner(ckpt, past_dtype=artifact.kv_dtype, capture=LW.torch_capture(points), name="torch-layerwise")
-        cand = _candidate_runner(artifact, backend, onnx_path=marked, name=f"{backend}-layerwise")
-        names = [p.output_name for p in points]
-        atol, rtol = tol.resolve(names)
-        compare = SimpleCompareFunc(
-            atol=atol, rtol=rtol, check_error_stat="elemwise",
-            find_output_func=lambda name, index, result: [name] if name in names else None,
-        )
-        with quiet_polygraphy(verbose):
-            with ref:  # count check: RMSNorm modules in torch == RMSNorm nodes in the graph
-                n_torch = LW.count_torch_norms(ref.model)
-            if n_torch != 2 * ckpt.config.num_layers + 1:
-                raise ValidationError(f"layerwise: torch model has {n_torch} RMSNorm modules, graph mapping needs "
-                                      f"{2 * ckpt.config.num_layers + 1}")
-            results = Comparator.run([ref, cand], data_loader=[feed.feed])
-            accuracy = Comparator.compare_accuracy(results, compare_func=compare)[0]
-    per_output = accuracy[(ref.name, cand.name)][0]
-    rows = []
-    for idx, p in enumerate(points):
-        res = per_output[p.output_name]
-        a, r = tol.for_output(p.output_name)
-        rows.append(LayerPoint(
-            index=idx, layer=p.layer, point=p.name, onnx_tensor=p.onnx_tensor, max_abs=finite(res.max_absdiff),
-            mean_abs=finite(res.mean_absdiff), max_rel=finite(res.max_reldiff), atol=a, rtol=r, passed=bool(res),
-        ))
-    first = next((row for row in rows if not row.passed), None)
-    return LayerwiseResult(
-        feed=feed.name, points=tuple(rows),
-        first_failing_layer=None if first is None else first.layer,
-        first_failing_point=None if first is None else first.point,
-    )

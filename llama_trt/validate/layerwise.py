@@ -19,6 +19,7 @@ node (``layerwise.layers.1.output``...), so reports and ``--tol layerwise.*=...`
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +106,56 @@ def count_torch_norms(model) -> int:
     from ..model.llama import RMSNorm
 
     return sum(isinstance(m, RMSNorm) for m in model.modules())
+
+
+def compare_layers(artifact, backend: str, ckpt, feed, tol, verbose: bool = False):
+    """Torch vs the artifact at every marked point on one feed: a :class:`~.report.LayerwiseResult`
+    naming the first layer that fails its tolerance."""
+    import numpy as np
+    from onnx import TensorProto
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+
+    from .compare import candidate_runner, quiet_polygraphy
+    from .report import LayerPoint, LayerwiseResult, finite
+    from .runners import TorchRunner
+
+    if artifact.kind != "onnx":
+        raise ValidationError(
+            "--layerwise needs the ONNX export (it marks intermediate tensors as outputs); "
+            "run it with --backend onnxruntime on the export folder"
+        )
+    elem = TensorProto.FLOAT16 if artifact.kv_dtype == np.float16 else TensorProto.FLOAT
+    with tempfile.TemporaryDirectory(prefix="llama-trt-layerwise-") as tmp:
+        marked = Path(tmp) / "model.layerwise.onnx"
+        points = mark_layer_outputs(artifact.model_file, marked, ckpt.config.num_layers, elem)
+        ref = TorchRunner(ckpt, past_dtype=artifact.kv_dtype, capture=torch_capture(points), name="torch-layerwise")
+        cand = candidate_runner(artifact, backend, onnx_path=marked, name=f"{backend}-layerwise")
+        names = [p.output_name for p in points]
+        atol, rtol = tol.resolve(names)
+        compare = SimpleCompareFunc(
+            atol=atol, rtol=rtol, check_error_stat="elemwise",
+            find_output_func=lambda name, index, result: [name] if name in names else None,
+        )
+        with quiet_polygraphy(verbose):
+            with ref:  # count check: RMSNorm modules in torch == RMSNorm nodes in the graph
+                n_torch = count_torch_norms(ref.model)
+            if n_torch != 2 * ckpt.config.num_layers + 1:
+                raise ValidationError(f"layerwise: torch model has {n_torch} RMSNorm modules, graph mapping needs "
+                                      f"{2 * ckpt.config.num_layers + 1}")
+            results = Comparator.run([ref, cand], data_loader=[feed.feed])
+            accuracy = Comparator.compare_accuracy(results, compare_func=compare)[0]
+    per_output = accuracy[(ref.name, cand.name)][0]
+    rows = []
+    for idx, p in enumerate(points):
+        res = per_output[p.output_name]
+        a, r = tol.for_output(p.output_name)
+        rows.append(LayerPoint(
+            index=idx, layer=p.layer, point=p.name, onnx_tensor=p.onnx_tensor, max_abs=finite(res.max_absdiff),
+            mean_abs=finite(res.mean_absdiff), max_rel=finite(res.max_reldiff), atol=a, rtol=r, passed=bool(res),
+        ))
+    first = next((row for row in rows if not row.passed), None)
+    return LayerwiseResult(
+        feed=feed.name, points=tuple(rows),
+        first_failing_layer=None if first is None else first.layer,
+        first_failing_point=None if first is None else first.point,
+    )
