@@ -1,7 +1,7 @@
 """Quantization schemes on one checkpoint: accuracy certificate, file size, weight bytes. Prints JSON.
 
     python benchmarks/bench_quant.py [--checkpoint HF_DIR] [--base FP32_EXPORT] [--out DIR]
-        [--schemes int8-weight,int4-rtn,int4-awq,int4-awq:32:zp] [--genai]
+        [--schemes int8-weight,int8-weight:head,int4-rtn,int4-awq,int4-awq:head,int4-awq:32:zp] [--genai]
 
 Default checkpoint: SmolLM2-135M-Instruct (``llama_trt.checkpoint.zoo.reference_hf_folder``).
 The fp32 export is made once (or ``--base`` reuses one), each scheme is quantized from it
@@ -9,9 +9,9 @@ The fp32 export is made once (or ``--base`` reuses one), each scheme is quantize
 top-1, ppl ratio over the built-in corpus against the fp32 torch model, on ONNX Runtime CPU
 as ``run`` executes it). A scheme is ``NAME[:GROUP][:zp]``.
 
-``--genai``: also build onnxruntime-genai's int4 model of the same checkpoint
-(``python -m onnxruntime_genai.models.builder -p int4 -e cpu``) and score it with the same
-text and metrics (its logits through ``onnxruntime``; accuracy and file size only).
+``--genai``: also build onnxruntime-genai's int8 and int4 models of the same checkpoint
+(``python -m onnxruntime_genai.models.builder -p int8|int4 -e cpu``) and score them with the
+same text, reference and metrics (their logits through ``onnxruntime``; accuracy and file size).
 
 No timings: decode speed is measured by benchmarks/bench_runtime_cpu.py on a quiet machine.
 """
@@ -52,7 +52,7 @@ def _cert_dict(cert) -> dict:
                  passed=cert.passed, thresholds=cert.thresholds).items()}
 
 
-def run_scheme(spec: str, base: Path, out: Path, ckpt) -> dict:
+def run_scheme(spec: str, base: Path, out: Path, ckpt, reference=None) -> dict:
     from llama_trt.quantize.pipeline import quantize_folder
     from llama_trt.quantize.schemes import parse_options
     from llama_trt.validate.teacher_forced import certify
@@ -68,15 +68,15 @@ def run_scheme(spec: str, base: Path, out: Path, ckpt) -> dict:
     for f in ckpt.tokenizer_files:
         shutil.copy2(f, folder / Path(f).name)
     q = manifest.quantization
-    cert = certify(folder, ckpt, scheme=name)
+    cert = certify(folder, ckpt, scheme=name, reference=reference)
     return {"scheme": name, **kw, "file_mib": round(_size(folder) / 2**20, 2),
             "weight_mib": {k: round(v / 2**20, 2) for k, v in q["weight_bytes"].items()},
             "lm_head": q.get("lm_head"), "int8_fallback": len(q.get("int8_fallback") or []),
             "quantize_seconds_loaded_machine": round(seconds, 1), "certificate": _cert_dict(cert)}
 
 
-def run_genai(checkpoint: Path, out: Path, ckpt) -> dict:
-    """onnxruntime-genai's int4 CPU build of the same checkpoint, scored like ours."""
+def run_genai(checkpoint: Path, out: Path, ckpt, precision: str = "int4", reference=None) -> dict:
+    """onnxruntime-genai's ``-p PRECISION`` CPU build of the same checkpoint, scored like ours."""
     import onnxruntime as ort
 
     from llama_trt.checkpoint import build_model
@@ -87,10 +87,10 @@ def run_genai(checkpoint: Path, out: Path, ckpt) -> dict:
     from llama_trt.validate.tolerances import default_tolerances
     from llama_trt.runtime.tokenizer import load_tokenizer
 
-    folder = out / "genai-int4"
+    folder = out / f"genai-{precision}"
     shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(checkpoint), "-o", str(folder),
-           "-p", "int4", "-e", "cpu", "-c", str(out / "genai-cache")]
+           "-p", precision, "-e", "cpu", "-c", str(out / "genai-cache")]
     subprocess.run(cmd, check=True, capture_output=True)
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     names = {i.name: i for i in sess.get_inputs()}
@@ -108,9 +108,10 @@ def run_genai(checkpoint: Path, out: Path, ckpt) -> dict:
         return sess.run(["logits"], feeds)[0].astype(np.float32)
 
     tokens = text_tokens(load_eval_text(None), load_tokenizer(Path(ckpt.path)), DEFAULT_WINDOW, cfg.vocab_size)
-    values = teacher_forced(torch_logits_fn(build_model(ckpt, "fp32")), logits, tokens.windows)
-    gates = default_tolerances("int4", "int4-genai").metrics
-    return {"scheme": "onnxruntime-genai int4 (builder -p int4 -e cpu)", "file_mib": round(
+    ref_fn = reference.logits_fn() if reference is not None else torch_logits_fn(build_model(ckpt, "fp32"))
+    values = teacher_forced(ref_fn, logits, tokens.windows)
+    gates = default_tolerances(precision, "int4" if precision == "int4" else "int8-weight").metrics
+    return {"scheme": f"onnxruntime-genai {precision} (builder -p {precision} -e cpu)", "file_mib": round(
         sum(f.stat().st_size for f in folder.iterdir() if "onnx" in f.name) / 2**20, 2),
         "certificate": {**{k: round(float(v), 6) for k, v in values.items()},
                         "passed": not gate_failures(values, gates)}}
@@ -121,8 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--base", type=Path, default=None, help="an existing fp32 export of the checkpoint")
     ap.add_argument("--out", type=Path, default=Path("bench-quant"))
-    ap.add_argument("--schemes", default="int8-weight,int4-rtn,int4-awq,int4-awq:32:zp")
-    ap.add_argument("--genai", action="store_true", help="also score onnxruntime-genai's int4 build")
+    ap.add_argument("--schemes", default="int8-weight,int8-weight:head,int4-rtn,int4-awq,int4-awq:head,int4-awq:32:zp")
+    ap.add_argument("--genai", action="store_true", help="also score onnxruntime-genai's int8 and int4 builds")
     args = ap.parse_args(argv)
 
     from llama_trt.checkpoint import load_checkpoint
@@ -145,11 +146,17 @@ def main(argv=None) -> int:
                                              if k != "lm_head.weight" or not ckpt.config.tie_word_embeddings)
                                          * 2 / 2**20, 2),
                "schemes": []}
+    from llama_trt.validate.reference import TorchReference
+
+    reference = TorchReference(ckpt)  # the fp32 logits of the certificate text, computed once for all
     for spec in [s for s in args.schemes.split(",") if s]:
-        results["schemes"].append(run_scheme(spec, base, args.out, ckpt))
+        results["schemes"].append(run_scheme(spec, base, args.out, ckpt, reference))
         print(json.dumps(results["schemes"][-1]), file=sys.stderr, flush=True)
     if args.genai:
-        results["peer"] = run_genai(args.checkpoint, args.out, ckpt)
+        results["peers"] = []
+        for precision in ("int8", "int4"):
+            results["peers"].append(run_genai(args.checkpoint, args.out, ckpt, precision, reference))
+            print(json.dumps(results["peers"][-1]), file=sys.stderr, flush=True)
     print(json.dumps(results, indent=1))
     return 0
 
