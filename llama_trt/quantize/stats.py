@@ -56,18 +56,16 @@ def input_key(name: str) -> str:
     return f"{head}.{SHARED_INPUT[leaf]}" if leaf in SHARED_INPUT else name
 
 
-def linear_inputs(torch_model, batches, names, *, max_rows: int = 512, seed: int = 0,
-                  on_batch=None) -> dict[str, np.ndarray]:
-    """``{input key: [rows, K] float32}`` for the linear modules ``names`` (HF module names)."""
+def _feed_linear_inputs(torch_model, batches, keys, on_input, on_batch=None) -> None:
+    """Run the batches through the torch model, calling ``on_input(key, X [rows, K] float32)`` with
+    the input of every linear module in ``keys`` (forward pre-hooks, removed afterwards)."""
     import torch
 
-    keys = sorted({input_key(n) for n in names})
     modules = dict(torch_model.named_modules())
-    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     hooks = []
     for k in keys:
         def hook(_mod, args, k=k):
-            chunks[k].append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32).clone())
+            on_input(k, args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
         hooks.append(modules[k].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -78,6 +76,16 @@ def linear_inputs(torch_model, batches, names, *, max_rows: int = 512, seed: int
     finally:
         for h in hooks:
             h.remove()
+
+
+def linear_inputs(torch_model, batches, names, *, max_rows: int = 512, seed: int = 0,
+                  on_batch=None) -> dict[str, np.ndarray]:
+    """``{input key: [rows, K] float32}`` for the linear modules ``names`` (HF module names)."""
+    import torch
+
+    keys = sorted({input_key(n) for n in names})
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    _feed_linear_inputs(torch_model, batches, keys, lambda k, x: chunks[k].append(x.clone()), on_batch)
     rows = sum(c.shape[0] for c in chunks[keys[0]]) if keys else 0
     pick = np.sort(np.random.default_rng(seed).choice(rows, min(rows, max_rows), replace=False))
     return {k: torch.cat(v)[torch.from_numpy(pick)].numpy() for k, v in chunks.items()}
@@ -86,29 +94,16 @@ def linear_inputs(torch_model, batches, names, *, max_rows: int = 512, seed: int
 def linear_hessians(torch_model, batches, names, on_batch=None) -> tuple[dict[str, np.ndarray], int]:
     """``({input key: 2 X^T X / n [K, K] float32}, n)`` for the linear modules ``names``, X being
     every token row of their input over the batches."""
-    import torch
-
     keys = sorted({input_key(n) for n in names})
-    modules = dict(torch_model.named_modules())
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict = {}
     rows = {k: 0 for k in keys}
-    hooks = []
-    for k in keys:
-        def hook(_mod, args, k=k):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            xtx = x.T @ x
-            sums[k] = xtx if k not in sums else sums[k].add_(xtx)
-            rows[k] += x.shape[0]
-        hooks.append(modules[k].register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                torch_model(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
-                if on_batch is not None:
-                    on_batch()
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def accumulate(k, x):
+        xtx = x.T @ x
+        sums[k] = xtx if k not in sums else sums[k].add_(xtx)
+        rows[k] += x.shape[0]
+
+    _feed_linear_inputs(torch_model, batches, keys, accumulate, on_batch)
     n = max(rows.values()) if rows else 0
     return {k: (sums[k] * (2.0 / rows[k])).numpy() for k in keys if rows[k]}, n
 
