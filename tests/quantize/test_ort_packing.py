@@ -56,3 +56,40 @@ def test_int4_tied_head_rows_equal_the_dequantized_model(quantized, tmp_path):
     assert desc["fused_ops_rewrite"]["embedding rows gathered from the int4 table (GatherBlockQuantized)"] == 1
     want, _ = _logits(_dequantized_copy(folder, tmp_path / "dq"), ids)
     assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+
+
+def test_fp16_tied_table_is_gathered_by_rows(quantized, tmp_path):
+    """int8-weight keeps a tied head float and stores the table once, in fp16 behind a Cast: the
+    session's embedding Gather reads the fp16 table (casting only its rows), so ONNX Runtime holds
+    no fp32 table for it; the logits equal a plain ONNX Runtime run of the dequantized export."""
+    import onnxruntime as ort
+
+    from llama_trt.runtime import open_session, resolve_artifact
+    from tests.quantize.test_runtime_and_refusal import _dequantized_copy
+
+    folder, manifest = quantized("int8-weight")
+    session = open_session(resolve_artifact(folder), "onnxruntime", threads=1, nbits_accuracy_level=1)
+    assert session.describe()["fused_ops_rewrite"]["embedding rows gathered from the fp16 table, then cast"] == 1
+    optimized = tmp_path / "optimized.onnx"
+    session._so.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(session.graph.source(), session._so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized)).graph
+    dtypes = {t.name: t.data_type for t in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in dtypes]
+    assert [dtypes[n.input[0]] for n in gathers] == [onnx.TensorProto.FLOAT16], gathers
+
+    cfg = manifest.config
+    plain_dir = _dequantized_copy(folder, tmp_path / "dq")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    plain = ort.InferenceSession(str(plain_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(2).integers(0, int(cfg["vocab_size"]), (1, 7)).astype(np.int64)
+    mask, pos = np.ones_like(ids), np.arange(7, dtype=np.int64)[None]
+    head_dim = int(cfg["hidden_size"]) // int(cfg["num_heads"])
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+             **{f"past_key_values.{i}.{kv}": np.zeros((1, int(cfg["num_kv_heads"]), 0, head_dim), np.float32)
+                for i in range(int(cfg["num_layers"])) for kv in ("key", "value")}}
+    want = plain.run(["logits"], {i.name: feeds[i.name] for i in plain.get_inputs()})[0]
+    session.reset(1)
+    got = session.prefill(ids, mask, pos)
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()

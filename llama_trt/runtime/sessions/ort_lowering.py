@@ -43,7 +43,13 @@ from ...trt_engines.lowering import (
 from .ort_attention import attention_3d, fuse_attention
 from .ort_gqa import attention_fill, attention_to_gqa, kv_layout
 from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice, readers
-from .ort_pack import PACK_MIN, drop_zero_int8_zero_points, gather_quantized_rows, pack_quantized_matmuls
+from .ort_pack import (
+    PACK_MIN,
+    drop_zero_int8_zero_points,
+    gather_quantized_rows,
+    gather_rows_before_cast,
+    pack_quantized_matmuls,
+)
 
 
 @dataclass
@@ -59,6 +65,7 @@ class OrtLoweringReport:
     packed_quantized: str = ""         # "a -> b": quantized MatMuls sharing an input packed into one + Split
     zero_points_dropped: int = 0       # all-zero int8 zero points removed (symmetric MatMulNBits)
     quantized_row_gathers: int = 0     # embeddings gathered from a dequantized int4 table -> GatherBlockQuantized
+    fp16_row_gathers: int = 0          # embeddings gathered from the fp16 table, then cast (not the whole table)
     group_query_attention: int = 0     # attention blocks -> GroupQueryAttention on an in-place KV cache
     kv_layout: str = "concat"          # "shared-buffer" when every block is GroupQueryAttention
     attention_fill: float | None = None  # the padding bias' fill value the session feeds (shared-buffer)
@@ -80,6 +87,7 @@ class OrtLoweringReport:
             "quantized MatMuls with one input packed (+ Split)": self.packed_quantized or "off",
             "all-zero int8 zero points dropped (symmetric MatMulNBits)": self.zero_points_dropped,
             "embedding rows gathered from the int4 table (GatherBlockQuantized)": self.quantized_row_gathers,
+            "embedding rows gathered from the fp16 table, then cast": self.fp16_row_gathers,
             "GroupQueryAttention(com.microsoft, RoPE inside, KV cache updated in place)": self.group_query_attention,
             "kv_layout": self.kv_layout,
             **({"attention_fill": self.attention_fill} if self.attention_fill is not None else {}),
@@ -121,6 +129,7 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         _to_simplified_layer_norm(out)
         report.skip_norm = _fuse_skip_norm(out)
     report.unshared_quantized = _unshare_quantized_weights(out)
+    report.fp16_row_gathers = gather_rows_before_cast(out)
     if pack_matmuls:
         report.packed_matmuls = _pack_matmuls(out)
         if weights_dir is not None or not _has_external(out):
