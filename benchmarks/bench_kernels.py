@@ -89,7 +89,7 @@ def copy_bandwidth_gbs(timer: Timer, n_bytes: int) -> dict:
         torch.cuda.synchronize()
     ms = timer(lambda: dst.copy_(src))
     moved = 2 * src.numel() * src.element_size()
-    del src, dst
+    src = dst = None  # free them (the timed lambda closed over these names)
     if timer.device == "cuda":
         torch.cuda.empty_cache()
     return {"bytes_moved": moved, "median_ms": round(ms, 5), "gbs": round(moved / ms / 1e6, 1)}
@@ -151,7 +151,7 @@ def bench_shape(shape, tokens, dtype, timer, copy_gbs, compile_fn) -> list[dict]
                 lambda: rms_norm_triton(x, w, eps, residual=r), lambda: eager_rms_norm(x, w, eps, residual=r),
                 (lambda: c_rms(x, w, eps, r)) if c_rms else None, timer, copy_gbs),
     ]
-    del x, r, w
+    x = r = w = None  # free them before the rope inputs (the lambdas above closed over these names)
     q = torch.randn(1, heads, tokens, head_dim, device=dev, dtype=dtype)
     pos = torch.arange(tokens, device=dev).unsqueeze(0)
     inv = 1.0 / (100000.0 ** (torch.arange(0, head_dim, 2, device=dev, dtype=torch.float32) / head_dim))
