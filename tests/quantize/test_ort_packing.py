@@ -12,14 +12,19 @@ import onnx
 import pytest
 
 
-def _optimized_ops(session, tmp_path) -> collections.Counter:
-    """Op types of the graph ONNX Runtime actually runs (its own optimizer's output)."""
+def _optimized_graph(session, tmp_path) -> onnx.GraphProto:
+    """The graph ONNX Runtime actually runs (its own optimizer's output)."""
     import onnxruntime as ort
 
     so = session._so
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(session.graph.source(), so, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return onnx.load(so.optimized_model_filepath).graph
+
+
+def _optimized_ops(session, tmp_path) -> collections.Counter:
+    """Op types of the graph ONNX Runtime actually runs."""
+    return collections.Counter(n.op_type for n in _optimized_graph(session, tmp_path).node)
 
 
 SCHEMES = [("int4-rtn", {"group_size": 32}), ("int4-rtn", {"group_size": 32, "int4_zero_point": True}),
@@ -64,32 +69,24 @@ def test_fp16_tied_table_is_gathered_by_rows(quantized, tmp_path):
     no fp32 table for it; the logits equal a plain ONNX Runtime run of the dequantized export."""
     import onnxruntime as ort
 
+    from llama_trt.exporter.feeds import build_feeds
     from llama_trt.runtime import open_session, resolve_artifact
+    from llama_trt.validate.teacher_forced import session_logits_fn
     from tests.quantize.test_runtime_and_refusal import _dequantized_copy
 
     folder, manifest = quantized("int8-weight")
     session = open_session(resolve_artifact(folder), "onnxruntime", threads=1, nbits_accuracy_level=1)
     assert session.describe()["fused_ops_rewrite"]["embedding rows gathered from the fp16 table, then cast"] == 1
-    optimized = tmp_path / "optimized.onnx"
-    session._so.optimized_model_filepath = str(optimized)
-    ort.InferenceSession(session.graph.source(), session._so, providers=["CPUExecutionProvider"])
-    graph = onnx.load(str(optimized)).graph
+    graph = _optimized_graph(session, tmp_path)
     dtypes = {t.name: t.data_type for t in graph.initializer}
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in dtypes]
     assert [dtypes[n.input[0]] for n in gathers] == [onnx.TensorProto.FLOAT16], gathers
 
-    cfg = manifest.config
-    plain_dir = _dequantized_copy(folder, tmp_path / "dq")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
-    plain = ort.InferenceSession(str(plain_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    ids = np.random.default_rng(2).integers(0, int(cfg["vocab_size"]), (1, 7)).astype(np.int64)
-    mask, pos = np.ones_like(ids), np.arange(7, dtype=np.int64)[None]
-    head_dim = int(cfg["hidden_size"]) // int(cfg["num_heads"])
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-             **{f"past_key_values.{i}.{kv}": np.zeros((1, int(cfg["num_kv_heads"]), 0, head_dim), np.float32)
-                for i in range(int(cfg["num_layers"])) for kv in ("key", "value")}}
-    want = plain.run(["logits"], {i.name: feeds[i.name] for i in plain.get_inputs()})[0]
-    session.reset(1)
-    got = session.prefill(ids, mask, pos)
+    plain = ort.InferenceSession(str(_dequantized_copy(folder, tmp_path / "dq") / "model.onnx"), so,
+                                 providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(2).integers(0, int(manifest.config["vocab_size"]), (1, 7)).astype(np.int64)
+    want = plain.run(["logits"], build_feeds(manifest, ids))[0]
+    got = session_logits_fn(session)(ids)
     assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ort_graph import _splice, readers, use_ms_domain
+from .ort_graph import _attr, _splice, readers, use_ms_domain
 
 #: projections of one activation packed into one GEMM when there are at least this many: q/k/v
 #: (feeding GroupQueryAttention packed, without a Split), not gate/up (2): their Split cost more than
@@ -135,7 +135,7 @@ def gather_rows_before_cast(model) -> int:
     (SmolLM2: 113 MB more resident). The Gather reads the fp16 table itself and casts only the
     rows it looked up (the same values: a Cast commutes with a Gather); the head's Cast is left to
     ORT's constant folding. Returns how many Gathers were moved."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -144,18 +144,17 @@ def gather_rows_before_cast(model) -> int:
     for cast in [n for n in g.node if n.op_type == "Cast" and n.domain in ("", "ai.onnx")]:
         table = inits.get(cast.input[0])
         users = reading.get(cast.output[0], [])
-        if table is None or table.data_type not in (10, 16) or len(users) < 2:  # fp16, bf16
+        if table is None or table.data_type not in (TensorProto.FLOAT16, TensorProto.BFLOAT16) or len(users) < 2:
             continue
         for gather in users:
             if gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx") or gather.input[0] != cast.output[0]:
                 continue
             rows = f"{gather.output[0]}.{table.name}.rows"
-            moved = helper.make_node("Gather", [table.name, gather.input[1]], [rows], name=rows,
-                                     axis=int(next((helper.get_attribute_value(a) for a in gather.attribute
-                                                    if a.name == "axis"), 0)))
-            replace[id(gather)] = [moved, helper.make_node("Cast", [rows], [gather.output[0]], name=f"{rows}.cast",
-                                                           to=int(next(helper.get_attribute_value(a)
-                                                                       for a in cast.attribute if a.name == "to")))]
+            replace[id(gather)] = [
+                helper.make_node("Gather", [table.name, gather.input[1]], [rows], name=rows,
+                                 axis=int(_attr(gather, "axis", 0))),
+                helper.make_node("Cast", [rows], [gather.output[0]], name=f"{rows}.cast", to=int(_attr(cast, "to"))),
+            ]
     if replace:
         _splice(g, replace)
     return len(replace)
