@@ -2,7 +2,9 @@
 Pre-trained Transformers") for int8 per-output-channel weights (int8-weight).
 
 The int8 grid stays TensorRT's: symmetric, zero point 0, one scale per output channel,
-``scale = max|w| / 127`` of the (AWQ-scaled) weight. What GPTQ changes is which grid point each
+``scale = max|w| / 127`` of the (AWQ-scaled) weight, or (``group``, the lm head) one scale per
+block of ``group`` input rows of each output channel, fixed before rounding from the weight
+itself (AutoGPTQ's "static groups": the grid does not depend on the rounding order). What GPTQ changes is which grid point each
 weight takes: input channels are rounded one at a time (largest Hessian diagonal first:
 "act order"), and each rounding error is spread over the channels not yet rounded through the
 inverse Hessian of the layer's calibration inputs, ``H = 2 X^T X / n``, so that the layer's
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .weights import block_scales
+
 QMAX = 127
 DAMP = 0.1          # of the mean Hessian diagonal (AutoGPTQ's default 0.01 was worse here: 135M, few tokens)
 BLOCK = 128         # lazy-batch width of the error update (same result, fewer large updates)
@@ -35,7 +39,8 @@ class GptqSettings:
     act_order: bool = True
 
     def to_dict(self) -> dict:
-        return {"damp": self.damp, "block": self.block, "act_order": self.act_order, "grid": "int8 per output channel"}
+        return {"damp": self.damp, "block": self.block, "act_order": self.act_order,
+                "grid": "int8 per output channel (the lm head: per block of K, static)"}
 
 
 def channel_scales(w: np.ndarray) -> np.ndarray:
@@ -53,13 +58,23 @@ def _inverse_cholesky(h, damp: float):
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqSettings()
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """``(q int8 [K, N], scale fp32 [N])`` for MatMul weight ``w`` [K, N] whose inputs have
-    Hessian ``hessian`` [K, K]; ``q * scale`` approximates ``w`` on the layer's inputs."""
+def grid(w: np.ndarray, group: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale as stored: [N] or [K / group, N]; the same broadcast to ``w``'s [K, N])."""
+    if group is None:
+        scale = channel_scales(w)
+        return scale, np.broadcast_to(scale[None, :], w.shape)
+    scale = block_scales(w, group, QMAX)
+    return scale, np.repeat(scale, group, axis=0)
+
+
+def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqSettings(),
+              group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(q int8 [K, N], scale fp32)`` for MatMul weight ``w`` [K, N] whose inputs have Hessian
+    ``hessian`` [K, K]; ``q * scale`` (per channel [N], or [K / group, N] in blocks along K)
+    approximates ``w`` on the layer's inputs."""
     import torch
 
-    scale = channel_scales(w)
+    scale, full = grid(w, group)
     wt = torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float64))    # [N, K]: rows = output channels
     h = torch.from_numpy(np.asarray(hessian, dtype=np.float64)).clone()
     k = wt.shape[1]
@@ -69,7 +84,7 @@ def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqS
     perm = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k)
     wt, h = wt[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h, settings.damp)
-    s = torch.from_numpy(scale.astype(np.float64))[:, None]
+    s = torch.from_numpy(np.ascontiguousarray(full.T, dtype=np.float64))[:, perm]  # [N, K], rounding order
     q = torch.zeros_like(wt)
     for i1 in range(0, k, settings.block):
         i2 = min(i1 + settings.block, k)
@@ -77,9 +92,10 @@ def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqS
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i:i + 1]
-            qi = torch.clamp(torch.round(col / s), -QMAX, QMAX)
+            si = s[:, i1 + i:i1 + i + 1]
+            qi = torch.clamp(torch.round(col / si), -QMAX, QMAX)
             q[:, i1 + i] = qi[:, 0]
-            e = (col - qi * s) / h1[i, i]
+            e = (col - qi * si) / h1[i, i]
             w1[:, i:] -= e @ h1[i:i + 1, i:]
             err[:, i] = e[:, 0]
         wt[:, i2:] -= err @ hinv[i1:i2, i2:]
@@ -87,10 +103,17 @@ def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqS
     return np.ascontiguousarray(q.T.numpy().astype(np.int8)), scale
 
 
+def round_to_nearest(w: np.ndarray, group: int | None = None) -> np.ndarray:
+    """The same grid, each weight rounded on its own (GPTQ's baseline), int8 [K, N]."""
+    return np.clip(np.rint(w / grid(w, group)[1]), -QMAX, QMAX).astype(np.int8)
+
+
 def output_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, hessian: np.ndarray) -> float:
-    """``tr((W - Q)^T H (W - Q))``: the layer's mean squared output error times 2 on its inputs."""
-    d = (w.astype(np.float64) - q.astype(np.float64) * scale[None, :].astype(np.float64))
+    """``tr((W - Q)^T H (W - Q))``: the layer's mean squared output error times 2 on its inputs.
+    ``scale`` [N] per channel or [K / g, N] in blocks along K."""
+    full = scale[None, :] if scale.ndim == 1 else np.repeat(scale, w.shape[0] // scale.shape[0], axis=0)
+    d = (w.astype(np.float64) - q.astype(np.float64) * full.astype(np.float64))
     return float(np.sum(d * (np.asarray(hessian, np.float64) @ d)))
 
 
-__all__ = ["GptqSettings", "channel_scales", "gptq_int8", "output_error"]
+__all__ = ["GptqSettings", "channel_scales", "gptq_int8", "grid", "output_error", "round_to_nearest"]

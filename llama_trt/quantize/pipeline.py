@@ -30,7 +30,7 @@ from .graph import GraphInfo, LinearSite, _digest, _init_array, analyse_graph, c
 from .qdq import add_weight_dq, gather_from_head, gather_int8_rows, replace_with_dq, store_fp16
 from .report import Progress
 from .schemes import QuantizeOptions
-from .weights import quantize_blocked
+from .weights import int8_blocked, quantize_blocked
 
 CALIB_BATCH = 4
 AWQ_SAMPLES = 16  # calibration sequences whose layer inputs the AWQ search sees
@@ -126,17 +126,18 @@ def quantize_int8_weight(model, sites, options, *, base_dir, base, state_dict, t
         vectors = report.vectors
     if not sch.gptq:
         for s in sites:
-            add_weight_dq(model, s.weight, axis=1)
+            _int8_dq(model, s, options)
         return record
     record["calibration"] = calib.to_dict()
-    record["gptq"] = gptq_round(model, sites, torch_model, _batches(calib.tokens), vectors, prog)
+    record["gptq"] = gptq_round(model, sites, torch_model, _batches(calib.tokens), vectors, prog, options)
     return record
 
 
-def gptq_round(model, sites, torch_model, batches, awq_vectors, prog) -> dict[str, Any]:
+def gptq_round(model, sites, torch_model, batches, awq_vectors, prog, options) -> dict[str, Any]:
     """Hessians of the layers' inputs over every calibration token (of the float model: an AWQ fold
-    divides a layer's input by ``s``, so its Hessian by ``s s^T``), then GPTQ per layer."""
-    from .gptq import GptqSettings, channel_scales, gptq_int8, output_error
+    divides a layer's input by ``s``, so its Hessian by ``s s^T``), then GPTQ per layer (the head
+    on its block grid, :meth:`QuantizeOptions.head_block`)."""
+    from .gptq import GptqSettings, gptq_int8, grid, output_error, round_to_nearest
     from .stats import input_key, linear_hessians
     from .weights import QuantizedWeight
 
@@ -152,11 +153,12 @@ def gptq_round(model, sites, torch_model, batches, awq_vectors, prog) -> dict[st
             inv = 1.0 / awq_vectors[key].astype(np.float64)
             h = h * np.outer(inv, inv)
         w = _init_array(model.graph, s.weight)
-        q, scale = gptq_int8(w, h, settings)
-        rtn = np.clip(np.rint(w / channel_scales(w)[None, :]), -127, 127)
-        err_rtn += output_error(w, rtn, channel_scales(w), h)
+        group = options.head_block(s.shape[0]) if s.name == "lm_head" else None
+        q, scale = gptq_int8(w, h, settings, group)
+        err_rtn += output_error(w, round_to_nearest(w, group), grid(w, group)[0], h)
         err_gptq += output_error(w, q, scale, h)
-        replace_with_dq(model, s.weight, QuantizedWeight(q, scale, np.zeros(scale.shape, np.int8), 1, None, "int8"))
+        zp = np.zeros(scale.shape, np.int8) if group is None else None
+        replace_with_dq(model, s.weight, QuantizedWeight(q, scale, zp, 1 if group is None else 0, group, "int8"))
         tick()
     return {**settings.to_dict(), "hessian_tokens": int(tokens), "layers": len(sites),
             "output_error_vs_rtn": round(err_gptq / err_rtn, 4) if err_rtn else None}
@@ -181,8 +183,17 @@ def quantize_int4(model, sites, options, *, base_dir, base, state_dict, tokenize
         w = _init_array(model.graph, s.weight)
         replace_with_dq(model, s.weight, quantize_blocked(w, g, symmetric=sch.symmetric, clip=clips.get(s.name)))
     for s in int8:
-        add_weight_dq(model, s.weight, axis=1)
+        _int8_dq(model, s, options)
     return record
+
+
+def _int8_dq(model, site, options) -> None:
+    """Round-to-nearest int8: per output channel, the head in blocks along K (``head_block``)."""
+    group = options.head_block(site.shape[0]) if site.name == "lm_head" else None
+    if group is None:
+        add_weight_dq(model, site.weight, axis=1)
+    else:
+        replace_with_dq(model, site.weight, int8_blocked(_init_array(model.graph, site.weight), group))
 
 
 def quantize_int8_sq(model, sites, info, options, *, base_dir, base, tokenizer_files, work, prog):
@@ -338,6 +349,7 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
         **record,
         "quantize_embeddings": bool(options.embeddings), "quantize_lm_head": bool(options.lm_head),
         "lm_head": "float" if options.head_bits is None else f"int{options.head_bits}",
+        "lm_head_block_size": next((options.head_block(s.shape[0]) for s in sites if s.name == "lm_head"), None),
         "embedding": embedding, "quantized": [s.name for s in sites], "excluded": excluded,
         "weight_bytes": facts["weight_bytes"], "library": {"onnxruntime": onnxruntime.__version__},
         "base_model_bytes": base.model_bytes,

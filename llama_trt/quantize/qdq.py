@@ -92,14 +92,11 @@ def gather_from_head(model, gather_node: str, table: str, head_weight: str) -> N
         graph.node.insert(idx, copy)
 
 
-
-
-
-
 def gather_int8_rows(model, gather_node: str, table: str, head_weight: str) -> None:
-    """Tied embedding served by an int8 per-channel head ``q [H, V]``, ``scale [V]``: the rows of
-    token ids are gathered as integers and scaled, ``q[:, ids]^T * scale[ids]`` (no whole-table
-    dequantization per step); the float table goes, so the file holds the matrix once."""
+    """Tied embedding served by an int8 head ``q [H, V]`` with ``scale [V]`` (per channel) or
+    ``scale [H/g, V]`` (blocks of ``g`` along H): the rows of the token ids are gathered as
+    integers and scaled, ``q[:, ids]^T * scale[..., ids]`` (no whole-table dequantization per
+    step); the float table goes, so the file holds the matrix once."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -107,22 +104,37 @@ def gather_int8_rows(model, gather_node: str, table: str, head_weight: str) -> N
     node = graph.node[idx]
     ids, final = node.input[1], node.output[0]
     q, scale = f"{head_weight}_quantized", f"{head_weight}_scale"
+    dims = {t.name: [int(d) for d in t.dims] for t in graph.initializer if t.name in (q, scale)}
+    hidden, sdims = dims[q][0], dims[scale]
     p = f"{gather_node}_int8"
-    axes = numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axes")
-    graph.initializer.append(axes)
     new = [
         helper.make_node("Gather", [q, ids], [f"{p}_q"], name=f"{p}_q", axis=1),            # [H, B, S] int8
         helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=1),
         helper.make_node("Transpose", [f"{p}_f"], [f"{p}_t"], name=f"{p}_t", perm=[1, 2, 0]),  # [B, S, H]
-        helper.make_node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=0),         # [B, S]
-        helper.make_node("Unsqueeze", [f"{p}_s", axes.name], [f"{p}_s1"], name=f"{p}_s1"),
-        helper.make_node("Mul", [f"{p}_t", f"{p}_s1"], [final], name=f"{p}_mul"),
     ]
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axes")]
+    if len(sdims) == 1:  # per channel: [B, S] -> [B, S, 1]
+        new += [helper.make_node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=0),
+                helper.make_node("Unsqueeze", [f"{p}_s", consts[0].name], [f"{p}_s1"], name=f"{p}_s1"),
+                helper.make_node("Mul", [f"{p}_t", f"{p}_s1"], [final], name=f"{p}_mul")]
+    else:  # blocks: [B, S, H/g, g] * [B, S, H/g, 1] -> [B, S, H]
+        blocks = sdims[0]
+        consts += [numpy_helper.from_array(np.array([0, 0, blocks, hidden // blocks], np.int64), f"{p}_blocked"),
+                   numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{p}_rows")]
+        new += [helper.make_node("Reshape", [f"{p}_t", consts[1].name], [f"{p}_tb"], name=f"{p}_tb"),
+                helper.make_node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=1),     # [H/g, B, S]
+                helper.make_node("Transpose", [f"{p}_s"], [f"{p}_st"], name=f"{p}_st", perm=[1, 2, 0]),
+                helper.make_node("Unsqueeze", [f"{p}_st", consts[0].name], [f"{p}_s1"], name=f"{p}_s1"),
+                helper.make_node("Mul", [f"{p}_tb", f"{p}_s1"], [f"{p}_m"], name=f"{p}_mul"),
+                helper.make_node("Reshape", [f"{p}_m", consts[2].name], [final], name=f"{p}_rows")]
+    graph.initializer.extend(consts)
     del graph.node[idx]
     for k, n in enumerate(new):
         graph.node.insert(idx + k, n)
     if not any(table in n.input for n in graph.node):
         _remove_init(graph, table)
+
+
 def store_fp16(model, table: str) -> None:
     """Keep float table ``table`` in fp16 on disk behind a ``Cast(to=float)`` that every reader
     uses (runtimes fold it at load time): half the bytes of the largest float matrix left, at an

@@ -33,6 +33,12 @@ GROUP_SIZES = (32, 64, 128)
 # The block sizes offered for TensorRT INT4 weight-only (ModelOpt's int4_awq uses 128; DESIGN.md: a
 # g64 DQ -> MatMul built by TensorRT-RTX 1.7.1 stayed int4). Not re-verified by a build in this change.
 TENSORRT_INT4_GROUPS = (32, 64, 128)
+# An int8 lm head keeps one scale per block of 32 rows along K, not per output channel: on SmolLM2
+# per channel cost the head alone KL 0.00083 / top-1 97.2%, blocks of 64 0.00021 / 98.8%
+# (benchmarks/probe_head_int8.py), and ONNX Runtime runs both as the same 8-bit block-32
+# MatMulNBits. TensorRT-RTX 1.7.1 builds DQ(int8 [K, N], scale [K/32, N], axis=0, block_size=32)
+# -> MatMul with the weights int8 in the plan (checked ahead of time on the CPU); full TensorRT: unchecked.
+HEAD_INT8_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,12 @@ class QuantizeOptions:
             return 8 if self.scheme.weight_bits == 4 else None
         return self.scheme.weight_bits if self.quantize_lm_head else None
 
+    def head_block(self, k: int) -> int | None:
+        """Block along K of a weight-only int8 head of K inputs (None: per channel: 32 does not divide
+        K, or int8-sq, whose head ONNX Runtime's quantizer writes per channel)."""
+        blocked = self.head_bits == 8 and not self.scheme.activations and k % HEAD_INT8_BLOCK == 0
+        return HEAD_INT8_BLOCK if blocked else None
+
     @property
     def activations(self) -> bool:
         return self.scheme.activations
@@ -170,5 +182,5 @@ def parse_options(scheme, *, quantize_embeddings=None, quantize_lm_head=None, sq
                            seed, tuple(str(p) for p in (exclude or ())), bool(certify))
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "QuantizeOptions", "SCHEMES", "SCHEME_NAMES", "Scheme",
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "QuantizeOptions", "SCHEMES", "SCHEME_NAMES", "Scheme",
            "parse_options"]

@@ -2,6 +2,9 @@
 
 * :func:`quantize_per_channel`: int8, symmetric, zero point 0, range [-127, 127], one scale per
   index of ``axis`` (the output channel ``N`` of a MatMul weight ``[K, N]``).
+* :func:`int8_blocked`: int8, symmetric, in blocks of ``group`` rows along ``K`` (scale
+  ``[K / group, N]``, no zero point): the lm head's form (a 49152-wide head whose rows differ
+  within a channel by more than one scale covers; see schemes.HEAD_INT8_BLOCK).
 * :func:`quantize_blocked`: int4 in blocks of ``group`` rows along ``K`` (ONNX blocked
   quantization: the scale has the weight's rank, ``[K / group, N]``, and ``DequantizeLinear``
   takes ``axis=0, block_size=group``). Symmetric: int4 in [-8, 7] with ``scale = amax / 7``
@@ -58,6 +61,22 @@ def int8_weight(w: np.ndarray, axis: int = 1) -> QuantizedWeight:
     return QuantizedWeight(q, scale, np.zeros(scale.shape, np.int8), axis, None, "int8")
 
 
+def block_scales(w: np.ndarray, group: int, qmax: int = QMAX8) -> np.ndarray:
+    """``max |w| / qmax`` per block of ``group`` rows of ``w`` [K, N]: ``[K / group, N]`` (1 where a block is 0)."""
+    k, n = w.shape
+    if k % group:
+        raise ValueError(f"group {group} does not divide {k}")
+    amax = np.abs(w.astype(np.float32).reshape(k // group, group, n)).max(axis=1)
+    return np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+
+
+def int8_blocked(w: np.ndarray, group: int) -> QuantizedWeight:
+    """Symmetric int8 in blocks of ``group`` rows of ``w`` [K, N] along K (round to nearest)."""
+    scale = block_scales(w, group)
+    q = np.clip(np.rint(w / np.repeat(scale, group, axis=0)), -QMAX8, QMAX8).astype(np.int8)
+    return QuantizedWeight(q, scale, None, 0, group, "int8")
+
+
 def quantize_blocked(w: np.ndarray, group: int, *, symmetric: bool = True,
                      clip: np.ndarray | None = None) -> QuantizedWeight:
     """int4 blocks of ``group`` rows of ``w`` [K, N] (K divisible by ``group``)."""
@@ -108,4 +127,4 @@ def to_tensors(qw: QuantizedWeight, base: str) -> list:
     return out
 
 
-__all__ = ["QuantizedWeight", "dequantize", "int8_weight", "quantize_blocked", "quantize_per_channel", "to_tensors"]
+__all__ = ["QuantizedWeight", "block_scales", "dequantize", "int8_blocked", "int8_weight", "quantize_blocked", "quantize_per_channel", "to_tensors"]

@@ -103,6 +103,26 @@ def test_tied_embedding_is_stored_once(quantized, tied_fp32, scheme):
         assert ("lm_head" in manifest.quantization["quantized"]) == (dtype != TensorProto.FLOAT16)
 
 
+@pytest.mark.parametrize("scheme, kw", [("int8-weight", {"quantize_lm_head": True}), ("int4-rtn", {"group_size": 32})])
+def test_int8_head_is_blocked_along_k(quantized, tied_ckpt, scheme, kw):
+    """An int8 lm head (int8-weight --quantize-lm-head, int4's default) keeps a symmetric scale per
+    32 rows of K (DequantizeLinear-21 blocked form: scale [K/32, V], axis 0, no zero point), each
+    the block's max |w| / 127 of the checkpoint's head (the tied table, transposed)."""
+    from llama_trt.checkpoint import load_checkpoint
+
+    folder, manifest = quantized(scheme, **kw)
+    model = _load(folder)
+    node, attrs, inits, readers = next(v for v in _weight_dqs(model).values() if v[1].get("block_size") == 32
+                                       and numpy_helper.to_array(v[2][v[0].input[0]]).dtype == np.int8)
+    q, scale = (numpy_helper.to_array(inits[i]) for i in node.input)
+    assert attrs == {"axis": 0, "block_size": 32} and len(node.input) == 2
+    assert q.shape == (64, 128) and scale.shape == (2, 128) and np.abs(q).max() <= 127
+    head = load_checkpoint(tied_ckpt).state_dict["model.embed_tokens.weight"].float().numpy().T  # [H, V]
+    np.testing.assert_allclose(scale, np.abs(head.reshape(2, 32, 128)).max(1) / 127, rtol=1e-6)
+    assert [r.op_type for r in readers].count("MatMul") == 1
+    assert manifest.quantization["lm_head"] == "int8" and manifest.quantization["lm_head_block_size"] == 32
+
+
 def test_dq_reference_equals_numpy_and_torch_fake_quant():
     """onnx.reference's DequantizeLinear (the spec) == our numpy dequantize == the torch fake-quant
     the AWQ search optimizes, for symmetric and zero-point int4 and per-channel int8."""

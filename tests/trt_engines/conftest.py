@@ -96,16 +96,18 @@ def tied_exports(tmp_path_factory):
     ckpt = create_tiny_checkpoint(root / "ckpt", seed=3, **TINY_TIED)
     made = {}
 
-    def get(scheme: str):
-        if scheme not in made:
-            out = root / scheme
-            kw = {} if scheme == "fp32" else {"quantize": scheme, "certify": False}
+    def get(scheme: str, **options):
+        """``options``: quantization keywords (``quantize_lm_head=True``)."""
+        key = (scheme, tuple(sorted(options.items())))
+        if key not in made:
+            out = root / f"{scheme}{len(made)}"
+            kw = {} if scheme == "fp32" else {"quantize": scheme, "certify": False, **options}
             if scheme == "fp16":
                 export(ckpt, out, dtype="fp16", ort_check=False)
             else:
                 export(ckpt, out, dtype="fp32", ort_check=False, **kw)
-            made[scheme] = out
-        return made[scheme]
+            made[key] = out
+        return made[key]
 
     get.checkpoint = ckpt
     return get

@@ -34,11 +34,11 @@ def built(tied_exports, trt_backend, tmp_path_factory):
     targets = ("89",) if trt_backend.is_rtx else ()
     made = {}
 
-    def get(scheme: str, **kw):
-        key = (scheme, tuple(sorted(kw.items())))
+    def get(scheme: str, export_options=None, **kw):
+        key = (scheme, tuple(sorted((export_options or {}).items())), tuple(sorted(kw.items())))
         if key not in made:
-            made[key] = build_engine(tied_exports(scheme), root / f"{scheme}{len(made)}", BuildOptions(
-                max_seq=16, max_context=64, targets=targets, **kw))
+            made[key] = build_engine(tied_exports(scheme, **(export_options or {})), root / f"{scheme}{len(made)}",
+                                     BuildOptions(max_seq=16, max_context=64, targets=targets, **kw))
         return made[key]
 
     return get
@@ -60,6 +60,16 @@ def test_int8_weight_engine_keeps_int8_and_fp16_tables(built, tied_exports):
     expected = linear + 2 * channels + 2 * table
     assert expected <= m.weight_bytes <= expected + SLACK, (m.weight_bytes, expected)
     assert m.weight_bytes <= 0.6 * built("fp16").weight_bytes
+
+
+def test_int8_blocked_head_stays_int8_in_the_engine(built, tied_exports):
+    """--quantize-lm-head: the tied head is int8 in blocks of 32 along K (scale [K/32, V]); the
+    engine holds it as int8 once (the embedding gathers its rows), with fp16 block scales."""
+    linear, channels, table = _checkpoint_params(tied_exports.checkpoint)
+    m = built("int8-weight", export_options={"quantize_lm_head": True})
+    assert m.precision == "int8" and m.network_weight_bytes["int8"] == linear + table
+    expected = linear + table + 2 * channels + 2 * (table // 32)
+    assert expected <= m.weight_bytes <= expected + SLACK, (m.weight_bytes, expected)
 
 
 def test_int4_engine_keeps_int4(built, tied_exports):
