@@ -30,8 +30,8 @@ from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, QUANTIZE_SCHEMES, FiniteFl
 @click.option("--quantize-embeddings/--no-quantize-embeddings", default=None,
               help="Quantize the token embedding table (default: no).")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=None,
-              help="Quantize the lm head at the scheme's bits (default: float for int8 schemes, int8 for int4 "
-                   "schemes; a tied head shares one stored copy with the embedding either way).")
+              help="Quantize the lm head at the scheme's bits (default: int8 in blocks of 32 for int8-weight and "
+                   "int4 schemes, float for int8-sq; a tied head shares one stored copy with the embedding either way).")
 @click.option("--quantize-exclude", "quantize_exclude", multiple=True, metavar="PATTERN",
               help="Keep linear layers matching this glob in float (e.g. 'model.layers.0.*'). Repeatable.")
 @click.option("--sq-alpha", type=FiniteFloat(0.0, 1.0), default=None, help="SmoothQuant migration strength in [0, 1] (default 0.5).")

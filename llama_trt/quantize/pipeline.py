@@ -5,10 +5,11 @@ does the fp32 export into a temporary folder first, quantizes, certifies and mov
 into place (nothing is left on failure or refusal).
 
 Kept in float: RMSNorm / RoPE (the ``llama_trt`` plugin nodes and their function bodies),
-attention's activation x activation MatMuls, the KV cache, and by default the embedding and
-the lm head (``--quantize-lm-head`` / ``--quantize-embeddings``). A tied lm head that stays
-float reads the embedding table through its Transpose, so the file holds the table once; a
-quantized tied head serves the embedding Gather from its own DQ output (still one copy).
+attention's activation x activation MatMuls, the KV cache, by default the embedding
+(``--quantize-embeddings``), and int8-sq's lm head (the weight-only schemes store it int8 in
+blocks of 32; ``--no-quantize-lm-head`` keeps it float). A tied lm head that stays float reads
+the embedding table through its Transpose, so the file holds the table once; a quantized tied
+head serves the embedding Gather from its own integers (still one copy).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def select_sites(info: GraphInfo, options: QuantizeOptions) -> tuple[list[Linear
     sites, excluded = [], []
     for s in info.sites:
         if s.name == "lm_head" and not options.lm_head:
-            excluded.append({"name": s.name, "reason": "lm head kept float (--quantize-lm-head to change)"})
+            excluded.append({"name": s.name, "reason": "lm head kept float (--no-quantize-lm-head, or int8-sq's default)"})
         elif any(fnmatch.fnmatchcase(s.name, p) for p in options.exclude):
             excluded.append({"name": s.name, "reason": "kept in float by --quantize-exclude"})
         else:

@@ -16,6 +16,9 @@ records :meth:`Scheme.to_dict`, so an artifact says exactly what it holds.
                  activation-aware scale and clipping search on calibration text.
 ``int4-rtn``     the same storage, plain round-to-nearest (AWQ's baseline).
 ==============  =====================================================================
+
+The lm head of the weight-only schemes is int8 in blocks of 32 along K by default
+(:data:`HEAD_INT8_BLOCK`); int8-sq keeps it float.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ SCHEME_NAMES = tuple(SCHEMES)
 class QuantizeOptions:
     scheme: Scheme
     quantize_embeddings: bool = False
-    quantize_lm_head: bool | None = None  # None: scheme default (int8 schemes: float; int4: int8 per-channel)
+    quantize_lm_head: bool | None = None  # None: scheme default (int8 blocks of 32; int8-sq: float)
     sq_alpha: float = DEFAULT_ALPHA
     sq_target_kl: float | None = None   # None: the int8-sq certificate gate
     calib_data: Path | None = None
@@ -115,11 +118,13 @@ class QuantizeOptions:
 
     @property
     def head_bits(self) -> int | None:
-        """None: float. Default: float for int8 schemes (the most sensitive layer; the int8 gate
-        needs it), int8 per-channel for int4 schemes (its error is small next to int4's, and a
-        135M model's tied table is 40% of its weights). ``--quantize-lm-head``: the scheme's bits."""
+        """None: float. Default: int8 in blocks of 32 along K for the weight-only schemes (a 135M
+        model's tied table is 40% of its weights, and the fp32 head doubled int8-weight's bytes per
+        token; on ONNX Runtime its best logits are rescored in fp32, runtime/sessions/ort_head.py,
+        which is what lets int8-weight meet its gate with it), float for int8-sq (W8A8 ruins it).
+        ``--quantize-lm-head``: the scheme's bits; ``--no-quantize-lm-head``: float."""
         if self.quantize_lm_head is None:
-            return 8 if self.scheme.weight_bits == 4 else None
+            return None if self.scheme.activations else 8
         return self.scheme.weight_bits if self.quantize_lm_head else None
 
     def head_block(self, k: int) -> int | None:

@@ -85,14 +85,15 @@ def _big_float_matrices(model, vocab, hidden):
 
 @pytest.mark.parametrize("scheme", ["int8-weight", "int4-rtn"])
 def test_tied_embedding_is_stored_once(quantized, tied_fp32, scheme):
-    """Default head: float for int8-weight (the fp16-stored table, Cast, read through a Transpose), int8 per-channel for
-    int4 (embedding rows gathered from its integers); --quantize-lm-head: the scheme's own bits."""
+    """Default head: int8 in blocks (embedding rows gathered from its integers); --quantize-lm-head:
+    the scheme's own bits; --no-quantize-lm-head: float (the fp16-stored table, Cast, read through a
+    Transpose). One matrix of the table's size either way."""
     int4 = scheme.startswith("int4")
     kw = {"group_size": 32} if int4 else {}
     base = _big_float_matrices(onnx.load(str(tied_fp32 / "model.onnx")), 128, 64)
     assert len(base) == 2  # the fp32 export holds the table and its constant-folded transpose
-    for opt, dtype in ((None, TensorProto.INT8 if int4 else TensorProto.FLOAT16),
-                       (True, TensorProto.INT4 if int4 else TensorProto.INT8)):
+    for opt, dtype in ((None, TensorProto.INT8), (True, TensorProto.INT4 if int4 else TensorProto.INT8),
+                       (False, TensorProto.FLOAT16)):
         folder, manifest = quantized(scheme, quantize_lm_head=opt, **kw)
         model = _load(folder)
         mats = _big_float_matrices(model, 128, 64)
@@ -103,9 +104,9 @@ def test_tied_embedding_is_stored_once(quantized, tied_fp32, scheme):
         assert ("lm_head" in manifest.quantization["quantized"]) == (dtype != TensorProto.FLOAT16)
 
 
-@pytest.mark.parametrize("scheme, kw", [("int8-weight", {"quantize_lm_head": True}), ("int4-rtn", {"group_size": 32})])
+@pytest.mark.parametrize("scheme, kw", [("int8-weight", {}), ("int4-rtn", {"group_size": 32})])
 def test_int8_head_is_blocked_along_k(quantized, tied_ckpt, scheme, kw):
-    """An int8 lm head (int8-weight --quantize-lm-head, int4's default) keeps a symmetric scale per
+    """An int8 lm head (the weight-only schemes' default) keeps a symmetric scale per
     32 rows of K (DequantizeLinear-21 blocked form: scale [K/32, V], axis 0, no zero point), each
     the block's max |w| / 127 of the checkpoint's head (the tied table, transposed)."""
     from llama_trt.checkpoint import load_checkpoint

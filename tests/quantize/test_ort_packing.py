@@ -64,7 +64,7 @@ def test_int4_tied_head_rows_equal_the_dequantized_model(quantized, tmp_path):
 
 
 def test_fp16_tied_table_is_gathered_by_rows(quantized, tmp_path):
-    """int8-weight keeps a tied head float and stores the table once, in fp16 behind a Cast: the
+    """int8-weight with --no-quantize-lm-head keeps a tied head float and stores the table once, in fp16 behind a Cast: the
     session's embedding Gather reads the fp16 table (casting only its rows), so ONNX Runtime holds
     no fp32 table for it; the logits equal a plain ONNX Runtime run of the dequantized export."""
     import onnxruntime as ort
@@ -74,7 +74,7 @@ def test_fp16_tied_table_is_gathered_by_rows(quantized, tmp_path):
     from llama_trt.validate.teacher_forced import session_logits_fn
     from tests.quantize.test_runtime_and_refusal import _dequantized_copy
 
-    folder, manifest = quantized("int8-weight")
+    folder, manifest = quantized("int8-weight", quantize_lm_head=False)
     session = open_session(resolve_artifact(folder), "onnxruntime", threads=1, nbits_accuracy_level=1)
     assert session.describe()["fused_ops_rewrite"]["embedding rows gathered from the fp16 table, then cast"] == 1
     graph = _optimized_graph(session, tmp_path)
@@ -90,3 +90,60 @@ def test_fp16_tied_table_is_gathered_by_rows(quantized, tmp_path):
     want = plain.run(["logits"], build_feeds(manifest, ids))[0]
     got = session_logits_fn(session)(ids)
     assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
+def _float_head_copy(folder, dest):
+    """``folder``'s model with only the lm head's DequantizeLinear replaced by its float value
+    (onnx.reference, the spec): the same int8 body, the head computed in fp32 from the same
+    int8 weights. The embedding keeps gathering the integer rows."""
+    import shutil
+
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    shutil.copytree(folder, dest)
+    model = onnx.load(str(dest / "model.onnx"))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    head = next(n for n in g.node if n.op_type == "MatMul" and n.output[0] == "logits")
+    dq = next(n for n in g.node if n.output[0] == head.input[1])
+    sub = helper.make_graph([dq], "dq", [], [helper.make_tensor_value_info(dq.output[0], 1, None)],
+                            [inits[i] for i in dq.input])
+    value = ReferenceEvaluator(helper.make_model(sub, opset_imports=[helper.make_opsetid("", 23)])).run(None, {})[0]
+    g.initializer.append(numpy_helper.from_array(value.astype(np.float32), dq.output[0]))
+    nodes = [n for n in g.node if n is not dq]
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(model, str(dest / "model.onnx"))
+    return dest
+
+
+@pytest.mark.parametrize("scheme, kw", [("int8-weight", {}), ("int4-rtn", {"group_size": 32})])
+def test_int8_head_rescores_its_best_logits_in_fp32(quantized, tmp_path, scheme, kw):
+    """At ONNX Runtime's default accuracy level (int8 activations in MatMulNBits) the int8 head's
+    k best logits per position are recomputed with fp32 activations: they equal those of the same
+    model with only the head dequantized to float (same body, same level), while the kernel's own
+    logits elsewhere are off by far more; the argmax is the float head's."""
+    from llama_trt.runtime import open_session, resolve_artifact
+    from llama_trt.runtime.sessions.ort_head import RESCORE_K
+    from llama_trt.validate.teacher_forced import session_logits_fn
+
+    folder, _ = quantized(scheme, **kw)
+    ids = np.random.default_rng(2).integers(0, 128, (2, 11)).astype(np.int64)
+    logits = {}
+    for name, path in (("rescored", folder), ("float head", _float_head_copy(folder, tmp_path / "fh"))):
+        session = open_session(resolve_artifact(path), "onnxruntime", threads=1)  # accuracy level 4
+        try:
+            k = session.describe()["fused_ops_rewrite"][
+                "int8 lm head: top-k logits per position recomputed with fp32 activations (k)"]
+            assert k == (RESCORE_K if name == "rescored" else 0), (name, k)
+            logits[name] = session_logits_fn(session)(ids)
+        finally:
+            session.close()
+    got, want = logits["rescored"], logits["float head"]
+    err = np.abs(got - want)
+    top = np.argsort(want, axis=-1)[..., -4:]
+    assert np.take_along_axis(err, top, -1).max() < 1e-4, np.take_along_axis(err, top, -1).max()
+    assert err.max() > 1e-3, err.max()  # the logits outside the top k: the kernel's int8 activations
+    assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -52,8 +52,9 @@ def test_fp16_engine_holds_every_weight_in_fp16(built, tied_exports):
 
 
 def test_int8_weight_engine_keeps_int8_and_fp16_tables(built, tied_exports):
+    """--no-quantize-lm-head: the float tied table goes in once, in fp16."""
     linear, channels, table = _checkpoint_params(tied_exports.checkpoint)
-    m = built("int8-weight")
+    m = built("int8-weight", export_options={"quantize_lm_head": False})
     assert m.precision == "int8" and m.weight_path["dequantize"] == 14
     assert m.network_weight_bytes["int8"] == linear
     # int8 GEMM weights + fp16 per-channel scales + the fp16 tied table, nothing widened
@@ -63,10 +64,10 @@ def test_int8_weight_engine_keeps_int8_and_fp16_tables(built, tied_exports):
 
 
 def test_int8_blocked_head_stays_int8_in_the_engine(built, tied_exports):
-    """--quantize-lm-head: the tied head is int8 in blocks of 32 along K (scale [K/32, V]); the
+    """The default head: the tied head is int8 in blocks of 32 along K (scale [K/32, V]); the
     engine holds it as int8 once (the embedding gathers its rows), with fp16 block scales."""
     linear, channels, table = _checkpoint_params(tied_exports.checkpoint)
-    m = built("int8-weight", export_options={"quantize_lm_head": True})
+    m = built("int8-weight")
     assert m.precision == "int8" and m.network_weight_bytes["int8"] == linear + table
     expected = linear + table + 2 * channels + 2 * (table // 32)
     assert expected <= m.weight_bytes <= expected + SLACK, (m.weight_bytes, expected)
@@ -89,6 +90,6 @@ def test_int4_engine_keeps_int4(built, tied_exports):
 def test_without_the_fp16_path_the_table_stays_fp32(built, tied_exports):
     """The pass is what shrinks the float part: off, the fp32 table goes in at 4 bytes an element."""
     linear, _, table = _checkpoint_params(tied_exports.checkpoint)
-    m = built("int8-weight", half_weights=False)
+    m = built("int8-weight", export_options={"quantize_lm_head": False}, half_weights=False)
     assert m.weight_path is None
     assert m.weight_bytes >= linear + 4 * table

@@ -65,10 +65,10 @@ class SessionGraph:
 
 def _source_digest() -> str:
     from ...trt_engines import lowering as trt_lowering
-    from . import onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_lowering, ort_pack
+    from . import onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack
 
     h = hashlib.sha256()
-    for mod in (onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_lowering, ort_pack, trt_lowering):
+    for mod in (onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack, trt_lowering):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 

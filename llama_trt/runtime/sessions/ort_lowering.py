@@ -43,6 +43,7 @@ from ...trt_engines.lowering import (
 from .ort_attention import attention_3d, fuse_attention
 from .ort_gqa import attention_fill, attention_to_gqa, kv_layout
 from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice, readers
+from .ort_head import RESCORE_K, rescore_int8_head
 from .ort_pack import (
     PACK_MIN,
     drop_zero_int8_zero_points,
@@ -70,6 +71,7 @@ class OrtLoweringReport:
     kv_layout: str = "concat"          # "shared-buffer" when every block is GroupQueryAttention
     attention_fill: float | None = None  # the padding bias' fill value the session feeds (shared-buffer)
     logits_index: bool = False         # the lm head reads only the positions fed in LOGITS_INDEX
+    head_rescored: int = 0             # int8 head: top-k logits per position recomputed in fp32 (ort_head)
     nodes_before: int = 0
     nodes_after: int = 0
     notes: list[str] = field(default_factory=list)
@@ -92,6 +94,7 @@ class OrtLoweringReport:
             "kv_layout": self.kv_layout,
             **({"attention_fill": self.attention_fill} if self.attention_fill is not None else {}),
             f"lm head on the positions in input {LOGITS_INDEX!r} only": self.logits_index,
+            "int8 lm head: top-k logits per position recomputed with fp32 activations (k)": self.head_rescored,
             "graph_nodes": f"{self.nodes_before} -> {self.nodes_after} (function bodies counted inlined)",
             **({"notes": self.notes} if self.notes else {}),
         }
@@ -110,7 +113,8 @@ def _inlined_node_count(model) -> int:
 
 
 def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified_layer_norm: bool = True,
-                  pack_matmuls: bool = True, group_query_attention: bool = True, weights_dir=None):
+                  pack_matmuls: bool = True, group_query_attention: bool = True, rescore_head: bool = True,
+                  weights_dir=None):
     """Return ``(rewritten copy, OrtLoweringReport)``; ``model`` is not modified.
 
     ``weights_dir``: where the model's external weights lie (quantized projections are packed
@@ -144,6 +148,9 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.kv_layout = kv_layout(out)
         report.attention_fill = attention_fill(out)
     report.logits_index = _logits_index(out)
+    if rescore_head and rescore_int8_head(out, RESCORE_K):
+        report.head_rescored = RESCORE_K
+        report.unshared_quantized += _unshare_quantized_weights(out)  # an untied head's DQ now shares q
     _remove_dead_nodes(out)
     _drop_unused(out)
     _drop_unread_inputs(out)
