@@ -1,13 +1,15 @@
 """Quantization schemes on one checkpoint: accuracy certificate, file size, weight bytes. Prints JSON.
 
     python benchmarks/bench_quant.py [--checkpoint HF_DIR] [--base FP32_EXPORT] [--out DIR]
-        [--schemes int8-weight,int8-weight:head,int4-rtn,int4-awq,int4-awq:head,int4-awq:32:zp] [--genai]
+        [--schemes int8-weight,int8-weight:floathead,int4-rtn,int4-awq,int4-awq:head,int4-awq:32:zp] [--genai]
 
 Default checkpoint: SmolLM2-135M-Instruct (``llama_trt.checkpoint.zoo.reference_hf_folder``).
 The fp32 export is made once (or ``--base`` reuses one), each scheme is quantized from it
 (``quantize_folder``) and certified with validate's teacher-forced certificate (KL, KL p99,
 top-1, ppl ratio over the built-in corpus against the fp32 torch model, on ONNX Runtime CPU
-as ``run`` executes it). A scheme is ``NAME[:GROUP][:zp]``.
+as ``run`` executes it). A scheme is ``NAME[:GROUP][:zp][:head|:floathead]`` (``head``: the lm
+head at the scheme's bits, ``--quantize-lm-head``; ``floathead``: kept float, ``--no-quantize-lm-head``;
+neither: the scheme's default, int8 in blocks of 32).
 
 ``--genai``: also build onnxruntime-genai's int8 and int4 models of the same checkpoint
 (``python -m onnxruntime_genai.models.builder -p int8|int4 -e cpu``) and score them with the
@@ -39,6 +41,8 @@ def _parse_scheme(spec: str) -> tuple[str, dict]:
             kw["group_size"] = int(r)
         elif r == "head":
             kw["quantize_lm_head"] = True
+        elif r == "floathead":
+            kw["quantize_lm_head"] = False
     return name, kw
 
 
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--base", type=Path, default=None, help="an existing fp32 export of the checkpoint")
     ap.add_argument("--out", type=Path, default=Path("bench-quant"))
-    ap.add_argument("--schemes", default="int8-weight,int8-weight:head,int4-rtn,int4-awq,int4-awq:head,int4-awq:32:zp")
+    ap.add_argument("--schemes", default="int8-weight,int8-weight:floathead,int4-rtn,int4-awq,int4-awq:head,int4-awq:32:zp")
     ap.add_argument("--genai", action="store_true", help="also score onnxruntime-genai's int8 and int4 builds")
     args = ap.parse_args(argv)
 

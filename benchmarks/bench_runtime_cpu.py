@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 OURS = {"ours_fp32": ("fp32", None), "ours_fp16": ("fp16", None), "ours_int8_weight": ("fp32", "int8-weight"),
-        "ours_int8_weight_head8": ("fp32", "int8-weight", "--quantize-lm-head"), "ours_int4": ("fp32", "int4-awq"),
+        "ours_int8_weight_headfloat": ("fp32", "int8-weight", "--no-quantize-lm-head"), "ours_int4": ("fp32", "int4-awq"),
         "ours_int4_head4": ("fp32", "int4-awq", "--quantize-lm-head")}
 GENAI = {"genai_fp32": "fp32", "genai_fp16": "fp16", "genai_int8": "int8", "genai_int4": "int4"}
 HF = {"transformers_eager_fp32": "fp32"}
@@ -309,7 +309,7 @@ def summarize(samples: dict[str, dict], stats: dict[str, dict], ref: str | None)
 
 
 def ratios(summary: dict[str, dict]) -> dict[str, float]:
-    pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int8_weight_head8", "genai_int8"),
+    pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int8_weight_headfloat", "genai_int8"),
              ("ours_int4", "genai_int4"), ("ours_int4_head4", "genai_int4"),
              ("ours_fp32", "transformers_eager_fp32")]
     out = {}
