@@ -119,8 +119,25 @@ def _float_head_copy(folder, dest):
     return dest
 
 
-@pytest.mark.parametrize("scheme, kw", [("int8-weight", {}), ("int4-rtn", {"group_size": 32})])
-def test_int8_head_rescores_its_best_logits_in_fp32(quantized, tmp_path, scheme, kw):
+@pytest.fixture(scope="module")
+def per_channel_head(tied_ckpt, tied_fp32, tmp_path_factory):
+    """int8-weight whose head is per output channel (what a K that 32 does not divide gets, and
+    what exports before the blocked head hold): the block size made not to divide K = 64."""
+    from llama_trt.checkpoint import load_checkpoint
+    from llama_trt.quantize import schemes
+    from llama_trt.quantize.pipeline import quantize_folder
+
+    out = tmp_path_factory.mktemp("per-channel-head")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(schemes, "HEAD_INT8_BLOCK", 48)
+        manifest = quantize_folder(tied_fp32, out, schemes.parse_options("int8-weight"),
+                                   state_dict=load_checkpoint(tied_ckpt).state_dict)
+    assert manifest.quantization["lm_head"] == "int8" and manifest.quantization["lm_head_block_size"] is None
+    return out
+
+
+@pytest.mark.parametrize("scheme, kw", [("int8-weight", {}), ("int4-rtn", {"group_size": 32}), ("per-channel", {})])
+def test_int8_head_rescores_its_best_logits_in_fp32(quantized, per_channel_head, tmp_path, scheme, kw):
     """At ONNX Runtime's default accuracy level (int8 activations in MatMulNBits) the int8 head's
     k best logits per position are recomputed with fp32 activations: they equal those of the same
     model with only the head dequantized to float (same body, same level), while the kernel's own
@@ -129,7 +146,7 @@ def test_int8_head_rescores_its_best_logits_in_fp32(quantized, tmp_path, scheme,
     from llama_trt.runtime.sessions.ort_head import RESCORE_K
     from llama_trt.validate.teacher_forced import session_logits_fn
 
-    folder, _ = quantized(scheme, **kw)
+    folder = per_channel_head if scheme == "per-channel" else quantized(scheme, **kw)[0]
     ids = np.random.default_rng(2).integers(0, 128, (2, 11)).astype(np.int64)
     logits = {}
     for name, path in (("rescored", folder), ("float head", _float_head_copy(folder, tmp_path / "fh"))):
