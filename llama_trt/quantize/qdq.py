@@ -92,41 +92,53 @@ def gather_from_head(model, gather_node: str, table: str, head_weight: str) -> N
         graph.node.insert(idx, copy)
 
 
+def int8_rows(q: str, scale: str, ids: str, out: str, prefix: str, *, hidden: int, blocks: int | None,
+              rank: int) -> tuple[list, list]:
+    """Nodes and int64 constants computing ``out = dequantize(q)[:, ids]`` moved last, without
+    dequantizing the rest: ``ids`` of rank ``rank`` -> ``out`` [*ids, H], from an int8 head ``q``
+    [H, V] with ``scale`` [V] (per channel, ``blocks`` None) or [H/g, V] (``blocks`` = H/g). The
+    export's tied embedding (ids [B, S]) and the ONNX Runtime session's head rescoring (ids [B, P, k])
+    both read the head's integers this way."""
+    from onnx import helper, numpy_helper
+
+    node, p = helper.make_node, prefix
+    last = [*range(1, rank + 1), 0]                                                     # [H, *ids] -> [*ids, H]
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axes")]
+    nodes = [
+        node("Gather", [q, ids], [f"{p}_q"], name=f"{p}_q", axis=1),                        # [H, *ids] int8
+        node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=1),
+        node("Transpose", [f"{p}_f"], [f"{p}_t"], name=f"{p}_t", perm=last),              # [*ids, H]
+    ]
+    if blocks is None:  # [*ids, H] * [*ids, 1]
+        return nodes + [
+            node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=0),                # [*ids]
+            node("Unsqueeze", [f"{p}_s", consts[0].name], [f"{p}_s1"], name=f"{p}_s1"),
+            node("Mul", [f"{p}_t", f"{p}_s1"], [out], name=f"{p}_mul"),
+        ], consts
+    consts += [numpy_helper.from_array(np.array([0] * rank + [blocks, hidden // blocks], np.int64), f"{p}_blocked"),
+               numpy_helper.from_array(np.array([0] * rank + [hidden], np.int64), f"{p}_rows")]
+    return nodes + [  # [*ids, H/g, g] * [*ids, H/g, 1] -> [*ids, H]
+        node("Reshape", [f"{p}_t", consts[1].name], [f"{p}_tb"], name=f"{p}_tb"),
+        node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=1),                    # [H/g, *ids]
+        node("Transpose", [f"{p}_s"], [f"{p}_st"], name=f"{p}_st", perm=last),
+        node("Unsqueeze", [f"{p}_st", consts[0].name], [f"{p}_s1"], name=f"{p}_s1"),
+        node("Mul", [f"{p}_tb", f"{p}_s1"], [f"{p}_m"], name=f"{p}_mul"),
+        node("Reshape", [f"{p}_m", consts[2].name], [out], name=f"{p}_rows"),
+    ], consts
+
+
 def gather_int8_rows(model, gather_node: str, table: str, head_weight: str) -> None:
     """Tied embedding served by an int8 head ``q [H, V]`` with ``scale [V]`` (per channel) or
     ``scale [H/g, V]`` (blocks of ``g`` along H): the rows of the token ids are gathered as
-    integers and scaled, ``q[:, ids]^T * scale[..., ids]`` (no whole-table dequantization per
-    step); the float table goes, so the file holds the matrix once."""
-    from onnx import helper, numpy_helper
-
+    integers and scaled (:func:`int8_rows`; no whole-table dequantization per step); the float
+    table goes, so the file holds the matrix once."""
     graph = model.graph
     idx = next(i for i, n in enumerate(graph.node) if n.name == gather_node)
     node = graph.node[idx]
-    ids, final = node.input[1], node.output[0]
     q, scale = f"{head_weight}_quantized", f"{head_weight}_scale"
     dims = {t.name: [int(d) for d in t.dims] for t in graph.initializer if t.name in (q, scale)}
-    hidden, sdims = dims[q][0], dims[scale]
-    p = f"{gather_node}_int8"
-    new = [
-        helper.make_node("Gather", [q, ids], [f"{p}_q"], name=f"{p}_q", axis=1),            # [H, B, S] int8
-        helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=1),
-        helper.make_node("Transpose", [f"{p}_f"], [f"{p}_t"], name=f"{p}_t", perm=[1, 2, 0]),  # [B, S, H]
-    ]
-    consts = [numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axes")]
-    if len(sdims) == 1:  # per channel: [B, S] -> [B, S, 1]
-        new += [helper.make_node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=0),
-                helper.make_node("Unsqueeze", [f"{p}_s", consts[0].name], [f"{p}_s1"], name=f"{p}_s1"),
-                helper.make_node("Mul", [f"{p}_t", f"{p}_s1"], [final], name=f"{p}_mul")]
-    else:  # blocks: [B, S, H/g, g] * [B, S, H/g, 1] -> [B, S, H]
-        blocks = sdims[0]
-        consts += [numpy_helper.from_array(np.array([0, 0, blocks, hidden // blocks], np.int64), f"{p}_blocked"),
-                   numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{p}_rows")]
-        new += [helper.make_node("Reshape", [f"{p}_t", consts[1].name], [f"{p}_tb"], name=f"{p}_tb"),
-                helper.make_node("Gather", [scale, ids], [f"{p}_s"], name=f"{p}_s", axis=1),     # [H/g, B, S]
-                helper.make_node("Transpose", [f"{p}_s"], [f"{p}_st"], name=f"{p}_st", perm=[1, 2, 0]),
-                helper.make_node("Unsqueeze", [f"{p}_st", consts[0].name], [f"{p}_s1"], name=f"{p}_s1"),
-                helper.make_node("Mul", [f"{p}_tb", f"{p}_s1"], [f"{p}_m"], name=f"{p}_mul"),
-                helper.make_node("Reshape", [f"{p}_m", consts[2].name], [final], name=f"{p}_rows")]
+    new, consts = int8_rows(q, scale, node.input[1], node.output[0], f"{gather_node}_int8", hidden=dims[q][0],
+                            blocks=dims[scale][0] if len(dims[scale]) == 2 else None, rank=2)
     graph.initializer.extend(consts)
     del graph.node[idx]
     for k, n in enumerate(new):
@@ -155,4 +167,4 @@ def store_fp16(model, table: str) -> None:
     graph.node.insert(0, helper.make_node("Cast", [table], [out], name=f"{table}_cast", to=1))
 
 
-__all__ = ["add_weight_dq", "gather_from_head", "gather_int8_rows", "replace_with_dq", "store_fp16"]
+__all__ = ["add_weight_dq", "gather_from_head", "gather_int8_rows", "int8_rows", "replace_with_dq", "store_fp16"]

@@ -64,11 +64,12 @@ class SessionGraph:
 
 
 def _source_digest() -> str:
+    from ...quantize import qdq
     from ...trt_engines import lowering as trt_lowering
     from . import onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack
 
     h = hashlib.sha256()
-    for mod in (onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack, trt_lowering):
+    for mod in (onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack, qdq, trt_lowering):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 

@@ -75,6 +75,12 @@ def readers(graph) -> dict[str, list]:
     return out
 
 
+def unshared_name(name: str, node) -> str:
+    """The name of ``node``'s own entry for initializer ``name`` (ort_lowering's
+    ``_unshare_quantized_weights``; ort_head maps it back)."""
+    return f"{name}.{node.name or node.output[0]}"
+
+
 def use_ms_domain(model) -> None:
     """Import the ``com.microsoft`` opset (ONNX Runtime's contrib ops) if the model does not yet."""
     from onnx import helper
@@ -83,4 +89,4 @@ def use_ms_domain(model) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-__all__ = ["_Graph", "_attr", "_remove_dead_nodes", "_splice", "readers", "use_ms_domain"]
+__all__ = ["_Graph", "_attr", "_remove_dead_nodes", "_splice", "readers", "unshared_name", "use_ms_domain"]

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ort_graph import _attr
+from ...quantize.qdq import int8_rows
+from .ort_graph import _attr, unshared_name
 
 #: logits per position recomputed in fp32 (the certificate's top-1 needs the first; KL gains from a few more)
 RESCORE_K = 16
@@ -61,7 +62,7 @@ def _int8_head(g, inits):
 
 def _original(name: str, dq, inits) -> str | None:
     """The initializer an ``_unshare_quantized_weights`` alias of the DQ's input stands for."""
-    base = name.removesuffix(f".{dq.name or dq.output[0]}")
+    base = name.removesuffix(unshared_name("", dq))
     return base if base in inits else (name if name in inits else None)
 
 
@@ -75,7 +76,7 @@ def _all_zero(tensor) -> bool:
 
 def rescore_int8_head(model, k: int = RESCORE_K) -> bool:
     """Rewrite the int8 lm head producing ``logits`` as described above; False if there is none."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -89,33 +90,13 @@ def rescore_int8_head(model, k: int = RESCORE_K) -> bool:
     p = PREFIX
     x = mm.input[0]
     mm.output[0] = f"{p}.approx"
-    consts = {"k": [k], "last": [-1], "rows": [0, 0, 0, hidden]}
-    if blocks:
-        consts["blocked"] = [0, 0, 0, blocks, hidden // blocks]
-    g.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{p}.{n}") for n, v in consts.items())
+    rows, row_consts = int8_rows(q, scale, f"{p}.ids", f"{p}.w", p, hidden=hidden, blocks=blocks, rank=3)
+    g.initializer.extend([*row_consts, *(numpy_helper.from_array(np.array([v], np.int64), f"{p}.{n}")
+                                         for n, v in (("k", k), ("last", -1)))])
     node = helper.make_node
     nodes = [
         node("TopK", [f"{p}.approx", f"{p}.k"], [f"{p}.values", f"{p}.ids"], name=f"{p}.topk", axis=-1, sorted=0),
-        node("Gather", [q, f"{p}.ids"], [f"{p}.q"], name=f"{p}.gather_q", axis=1),           # [H, B, P, k]
-        node("Cast", [f"{p}.q"], [f"{p}.qf"], name=f"{p}.cast", to=TensorProto.FLOAT),
-        node("Transpose", [f"{p}.qf"], [f"{p}.qt"], name=f"{p}.qt", perm=[1, 2, 3, 0]),     # [B, P, k, H]
-    ]
-    if blocks:  # [B, P, k, H/g, g] * [B, P, k, H/g, 1]
-        nodes += [
-            node("Reshape", [f"{p}.qt", f"{p}.blocked"], [f"{p}.qb"], name=f"{p}.qb"),
-            node("Gather", [scale, f"{p}.ids"], [f"{p}.s"], name=f"{p}.gather_s", axis=1),  # [H/g, B, P, k]
-            node("Transpose", [f"{p}.s"], [f"{p}.st"], name=f"{p}.st", perm=[1, 2, 3, 0]),
-            node("Unsqueeze", [f"{p}.st", f"{p}.last"], [f"{p}.s1"], name=f"{p}.s1"),
-            node("Mul", [f"{p}.qb", f"{p}.s1"], [f"{p}.wb"], name=f"{p}.scale"),
-            node("Reshape", [f"{p}.wb", f"{p}.rows"], [f"{p}.w"], name=f"{p}.w"),
-        ]
-    else:  # one scale per column: [B, P, k, H] * [B, P, k, 1]
-        nodes += [
-            node("Gather", [scale, f"{p}.ids"], [f"{p}.s"], name=f"{p}.gather_s", axis=0),  # [B, P, k]
-            node("Unsqueeze", [f"{p}.s", f"{p}.last"], [f"{p}.s1"], name=f"{p}.s1"),
-            node("Mul", [f"{p}.qt", f"{p}.s1"], [f"{p}.w"], name=f"{p}.scale"),
-        ]
-    nodes += [
+        *rows,                                                                               # [B, P, k, H]
         node("Unsqueeze", [x, f"{p}.last"], [f"{p}.x"], name=f"{p}.x"),                       # [B, P, H, 1]
         node("MatMul", [f"{p}.w", f"{p}.x"], [f"{p}.dot"], name=f"{p}.dot"),                 # [B, P, k, 1]
         node("Squeeze", [f"{p}.dot", f"{p}.last"], [f"{p}.exact"], name=f"{p}.exact"),

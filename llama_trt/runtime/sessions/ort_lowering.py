@@ -42,7 +42,7 @@ from ...trt_engines.lowering import (
 )
 from .ort_attention import attention_3d, fuse_attention
 from .ort_gqa import attention_fill, attention_to_gqa, kv_layout
-from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice, readers
+from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice, readers, unshared_name
 from .ort_head import RESCORE_K, rescore_int8_head
 from .ort_pack import (
     PACK_MIN,
@@ -347,7 +347,7 @@ def _unshare_quantized_weights(model) -> int:
         for i in shared:  # weight, scale and zero point alike (a Gather may read all three)
             alias = type(inits[dq.input[i]])()
             alias.CopyFrom(inits[dq.input[i]])
-            alias.name = f"{dq.input[i]}.{dq.name or dq.output[0]}"
+            alias.name = unshared_name(dq.input[i], dq)
             g.initializer.append(alias)
             dq.input[i] = alias.name
         done += 1
