@@ -58,13 +58,9 @@ def _inverse_cholesky(h, damp: float):
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def grid(w: np.ndarray, group: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(scale as stored: [N] or [K / group, N]; the same broadcast to ``w``'s [K, N])."""
-    if group is None:
-        scale = channel_scales(w)
-        return scale, np.broadcast_to(scale[None, :], w.shape)
-    scale = block_scales(w, group, QMAX)
-    return scale, np.repeat(scale, group, axis=0)
+def grid(w: np.ndarray, group: int | None) -> np.ndarray:
+    """The scales as stored: [N] per output channel, or [K / group, N] in blocks along K."""
+    return channel_scales(w) if group is None else block_scales(w, group, QMAX)
 
 
 def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqSettings(),
@@ -74,7 +70,7 @@ def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqS
     approximates ``w`` on the layer's inputs."""
     import torch
 
-    scale, full = grid(w, group)
+    scale = grid(w, group)
     wt = torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float64))    # [N, K]: rows = output channels
     h = torch.from_numpy(np.asarray(hessian, dtype=np.float64)).clone()
     k = wt.shape[1]
@@ -84,7 +80,9 @@ def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqS
     perm = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k)
     wt, h = wt[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h, settings.damp)
-    s = torch.from_numpy(np.ascontiguousarray(full.T, dtype=np.float64))[:, perm]  # [N, K], rounding order
+    # [N, groups] (per channel: 1 group); input channel perm[i] rounds on the scales of its group
+    s = torch.from_numpy(np.ascontiguousarray(scale.T if group else scale[:, None], dtype=np.float64))
+    col_group = (perm // group if group else torch.zeros_like(perm)).tolist()
     q = torch.zeros_like(wt)
     for i1 in range(0, k, settings.block):
         i2 = min(i1 + settings.block, k)
@@ -92,7 +90,8 @@ def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqS
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i:i + 1]
-            si = s[:, i1 + i:i1 + i + 1]
+            gi = col_group[i1 + i]
+            si = s[:, gi:gi + 1]
             qi = torch.clamp(torch.round(col / si), -QMAX, QMAX)
             q[:, i1 + i] = qi[:, 0]
             e = (col - qi * si) / h1[i, i]
@@ -103,11 +102,6 @@ def gptq_int8(w: np.ndarray, hessian: np.ndarray, settings: GptqSettings = GptqS
     return np.ascontiguousarray(q.T.numpy().astype(np.int8)), scale
 
 
-def round_to_nearest(w: np.ndarray, group: int | None = None) -> np.ndarray:
-    """The same grid, each weight rounded on its own (GPTQ's baseline), int8 [K, N]."""
-    return np.clip(np.rint(w / grid(w, group)[1]), -QMAX, QMAX).astype(np.int8)
-
-
 def output_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, hessian: np.ndarray) -> float:
     """``tr((W - Q)^T H (W - Q))``: the layer's mean squared output error times 2 on its inputs.
     ``scale`` [N] per channel or [K / g, N] in blocks along K."""
@@ -116,4 +110,4 @@ def output_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, hessian: np.nd
     return float(np.sum(d * (np.asarray(hessian, np.float64) @ d)))
 
 
-__all__ = ["GptqSettings", "channel_scales", "gptq_int8", "grid", "output_error", "round_to_nearest"]
+__all__ = ["GptqSettings", "channel_scales", "gptq_int8", "grid", "output_error"]

@@ -31,7 +31,7 @@ from .graph import GraphInfo, LinearSite, _digest, _init_array, analyse_graph, c
 from .qdq import add_weight_dq, gather_from_head, gather_int8_rows, replace_with_dq, store_fp16
 from .report import Progress
 from .schemes import QuantizeOptions
-from .weights import int8_blocked, quantize_blocked
+from .weights import int8_blocked, int8_weight, quantize_blocked
 
 CALIB_BATCH = 4
 AWQ_SAMPLES = 16  # calibration sequences whose layer inputs the AWQ search sees
@@ -138,7 +138,7 @@ def gptq_round(model, sites, torch_model, batches, awq_vectors, prog, options) -
     """Hessians of the layers' inputs over every calibration token (of the float model: an AWQ fold
     divides a layer's input by ``s``, so its Hessian by ``s s^T``), then GPTQ per layer (the head
     on its block grid, :meth:`QuantizeOptions.head_block`)."""
-    from .gptq import GptqSettings, gptq_int8, grid, output_error, round_to_nearest
+    from .gptq import GptqSettings, gptq_int8, output_error
     from .stats import input_key, linear_hessians
     from .weights import QuantizedWeight
 
@@ -154,9 +154,10 @@ def gptq_round(model, sites, torch_model, batches, awq_vectors, prog, options) -
             inv = 1.0 / awq_vectors[key].astype(np.float64)
             h = h * np.outer(inv, inv)
         w = _init_array(model.graph, s.weight)
-        group = options.head_block(s.shape[0]) if s.name == "lm_head" else None
+        group = _int8_group(s, options)
         q, scale = gptq_int8(w, h, settings, group)
-        err_rtn += output_error(w, round_to_nearest(w, group), grid(w, group)[0], h)
+        rtn = _int8_rtn(w, group)  # the same grid, each weight rounded on its own: GPTQ's baseline
+        err_rtn += output_error(w, rtn.q, rtn.scale, h)
         err_gptq += output_error(w, q, scale, h)
         zp = np.zeros(scale.shape, np.int8) if group is None else None
         replace_with_dq(model, s.weight, QuantizedWeight(q, scale, zp, 1 if group is None else 0, group, "int8"))
@@ -188,13 +189,18 @@ def quantize_int4(model, sites, options, *, base_dir, base, state_dict, tokenize
     return record
 
 
+def _int8_group(site, options) -> int | None:
+    """Block along K of an int8 layer: the head's (:meth:`QuantizeOptions.head_block`), else None (per channel)."""
+    return options.head_block(site.shape[0]) if site.name == "lm_head" else None
+
+
+def _int8_rtn(w: np.ndarray, group: int | None):
+    return int8_weight(w) if group is None else int8_blocked(w, group)
+
+
 def _int8_dq(model, site, options) -> None:
-    """Round-to-nearest int8: per output channel, the head in blocks along K (``head_block``)."""
-    group = options.head_block(site.shape[0]) if site.name == "lm_head" else None
-    if group is None:
-        add_weight_dq(model, site.weight, axis=1)
-    else:
-        replace_with_dq(model, site.weight, int8_blocked(_init_array(model.graph, site.weight), group))
+    """Round-to-nearest int8: per output channel, the head in blocks along K."""
+    replace_with_dq(model, site.weight, _int8_rtn(_init_array(model.graph, site.weight), _int8_group(site, options)))
 
 
 def quantize_int8_sq(model, sites, info, options, *, base_dir, base, tokenizer_files, work, prog):
@@ -350,7 +356,7 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
         **record,
         "quantize_embeddings": bool(options.embeddings), "quantize_lm_head": bool(options.lm_head),
         "lm_head": "float" if options.head_bits is None else f"int{options.head_bits}",
-        "lm_head_block_size": next((options.head_block(s.shape[0]) for s in sites if s.name == "lm_head"), None),
+        "lm_head_block_size": next((_int8_group(s, options) for s in sites if s.name == "lm_head"), None),
         "embedding": embedding, "quantized": [s.name for s in sites], "excluded": excluded,
         "weight_bytes": facts["weight_bytes"], "library": {"onnxruntime": onnxruntime.__version__},
         "base_model_bytes": base.model_bytes,
