@@ -164,3 +164,40 @@ def test_int8_head_rescores_its_best_logits_in_fp32(quantized, per_channel_head,
     assert np.take_along_axis(err, top, -1).max() < 1e-4, np.take_along_axis(err, top, -1).max()
     assert err.max() > 1e-3, err.max()  # the logits outside the top k: the kernel's int8 activations
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("scheme, kw", [("int8-weight", {}), ("int4-rtn", {"group_size": 32}), ("per-channel", {})])
+def test_int8_head_tensors_are_gathered_by_rows(quantized, per_channel_head, tmp_path, monkeypatch, scheme, kw):
+    """The tied int8 table [H, V] (and its block scales [H/g, V]) are read by the embedding and
+    the head rescoring as columns; the session graph reads rows of one transposed copy instead
+    (ONNX Runtime copies a column element by element) and drops the export's tensor from its
+    Gathers. The logits are bit for bit those of the session graph without this rewrite."""
+    from llama_trt.runtime import open_session, resolve_artifact
+    from llama_trt.runtime.sessions import ort_lowering
+    from llama_trt.validate.teacher_forced import session_logits_fn
+
+    folder = per_channel_head if scheme == "per-channel" else quantized(scheme, **kw)[0]
+    ids = np.random.default_rng(4).integers(0, 128, (2, 9)).astype(np.int64)
+    key = "column gathers from the quantized head's tensors read rows of a transposed copy"
+
+    def logits(tag):
+        session = open_session(resolve_artifact(folder), "onnxruntime", threads=1, cache_dir=tmp_path / tag)
+        try:
+            return session, session.describe()["fused_ops_rewrite"][key], session_logits_fn(session)(ids)
+        finally:
+            session.close()
+
+    session, rewritten, got = logits("rows")
+    # embedding + rescoring, each its integers and (blocked only) its scales
+    assert rewritten == (2 if scheme == "per-channel" else 4), rewritten
+    graph = onnx.ModelProto.FromString(session.graph.model_bytes).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    vocab = 128
+    table_gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in dims and vocab in dims[n.input[0]]]
+    assert table_gathers and all(dims[n.input[0]][0] == vocab for n in table_gathers), table_gathers
+    assert all(n.attribute[0].i == 0 for n in table_gathers)
+
+    monkeypatch.setattr(ort_lowering, "transposed_gathers", lambda model, weights_dir: 0)
+    _, none, want = logits("columns")
+    assert none == 0
+    np.testing.assert_array_equal(got, want)

@@ -50,6 +50,7 @@ from .ort_pack import (
     gather_quantized_rows,
     gather_rows_before_cast,
     pack_quantized_matmuls,
+    transposed_gathers,
 )
 
 
@@ -72,6 +73,7 @@ class OrtLoweringReport:
     attention_fill: float | None = None  # the padding bias' fill value the session feeds (shared-buffer)
     logits_index: bool = False         # the lm head reads only the positions fed in LOGITS_INDEX
     head_rescored: int = 0             # int8 head: top-k logits per position recomputed in fp32 (ort_head)
+    row_gathers: int = 0               # column gathers from a quantized head's tensors -> rows of a transposed copy
     nodes_before: int = 0
     nodes_after: int = 0
     notes: list[str] = field(default_factory=list)
@@ -95,6 +97,7 @@ class OrtLoweringReport:
             **({"attention_fill": self.attention_fill} if self.attention_fill is not None else {}),
             f"lm head on the positions in input {LOGITS_INDEX!r} only": self.logits_index,
             "int8 lm head: top-k logits per position recomputed with fp32 activations (k)": self.head_rescored,
+            "column gathers from the quantized head's tensors read rows of a transposed copy": self.row_gathers,
             "graph_nodes": f"{self.nodes_before} -> {self.nodes_after} (function bodies counted inlined)",
             **({"notes": self.notes} if self.notes else {}),
         }
@@ -151,6 +154,8 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
     if rescore_head and rescore_int8_head(out, RESCORE_K):
         report.head_rescored = RESCORE_K
         report.unshared_quantized += _unshare_quantized_weights(out)  # an untied head's DQ now shares q
+    if pack_matmuls and (weights_dir is not None or not _has_external(out)):
+        report.row_gathers = transposed_gathers(out, weights_dir)
     _remove_dead_nodes(out)
     _drop_unused(out)
     _drop_unread_inputs(out)
