@@ -187,12 +187,18 @@ class _Run:
                           repetition_penalty=cfg.repetition_penalty, seen=seen)
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
         yield self._advance(tok, seen)
+        # every step appends one attended column to each row: the mask is a growing view of one
+        # buffer and the positions count up (a step costs few numpy calls: see ort_shared_kv)
+        masks = np.ones((b, width + cfg.max_new_tokens), dtype=np.int64)
+        masks[:, :width] = mask
+        step_pos = mask.sum(axis=1, keepdims=True) - 1
+        total = width
         t1 = time.perf_counter()
         try:
             while not all(self.finish):
-                mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-                step_pos = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
-                logits = s.step(tok[:, None].astype(np.int64), mask, step_pos, last_only=True)[:, -1, :]
+                total += 1
+                step_pos = step_pos + 1
+                logits = s.step(tok[:, None], masks[:, :total], step_pos, last_only=True)[:, -1, :]
                 tok = sample_next(logits, rng, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                   repetition_penalty=cfg.repetition_penalty, seen=seen)
                 self.steps += 1

@@ -81,8 +81,12 @@ def sample_next(logits, rng: np.random.Generator | None, *, temperature: float =
     Order as in Hugging Face: repetition penalty, temperature, top-k, top-p, then draw.
     temperature == 0 means greedy (argmax after the repetition penalty).
     """
+    penalise = repetition_penalty != 1.0 and seen is not None
+    if temperature <= 0.0 and not penalise:  # greedy: no copy of the logits
+        x = np.asarray(logits)
+        return np.argmax(x, axis=-1).astype(np.int64)
     x, squeeze = _2d(logits)
-    if repetition_penalty != 1.0 and seen is not None:
+    if penalise:
         x = apply_repetition_penalty(x, seen, repetition_penalty)
     if temperature <= 0.0:
         ids = np.argmax(x, axis=-1).astype(np.int64)

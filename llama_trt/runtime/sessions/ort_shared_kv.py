@@ -35,6 +35,32 @@ def bind_logits_index(io, has_input: bool, seq: int, last_only: bool) -> int:
     return 1 if last_only else seq
 
 
+class _StepFeeds:
+    """The small inputs of a one-token step, in buffers bound once by address: a step writes
+    them in place and rebinds only the padding bias (its length grows) and the logits. Each
+    binding is a call into ONNX Runtime, and right after a model run (whose weights streamed
+    through every cache) such a call costs tens of microseconds: SmolLM2 int8 spent 0.48 ms of
+    a 7-10 ms decode step outside ``run`` before (0.07 ms with the run left out)."""
+
+    def __init__(self, batch: int, capacity: int, dtype) -> None:
+        self.ids = np.zeros((batch, 1), np.int64)
+        self.pos = np.zeros((batch, 1), np.int64)
+        self.seqlens = np.zeros(batch, np.int32)
+        self.total = np.zeros((), np.int32)
+        self.index = np.zeros(1, np.int64)  # the logits of the only position
+        self.bias = np.zeros(batch * capacity, dtype)
+        self.bound = False
+
+    def bind(self, io, logits_index: bool) -> None:
+        from .ort_lowering import LOGITS_INDEX
+
+        named = [("input_ids", self.ids), ("position_ids", self.pos), (SEQLENS_K, self.seqlens),
+                 (TOTAL_LENGTH, self.total)] + ([(LOGITS_INDEX, self.index)] if logits_index else [])
+        for name, arr in named:
+            io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
+        self.bound = True
+
+
 class SharedKV:
     """Buffers, bindings and position offsets of one cache of ``batch`` rows x ``capacity`` tokens."""
 
@@ -53,6 +79,7 @@ class SharedKV:
         self.ptrs = [(ptr(k), ptr(v)) for k, v in self.bufs]
         self.offset = np.zeros((batch, 1), dtype=np.int64)
         self.device = "cpu" if isinstance(self.bufs[0][0], np.ndarray) else "cuda"
+        self._step = _StepFeeds(batch, capacity, self.dtype)
         self._bind_cache(self.shape, 0)
 
     def _bind_cache(self, shape, row: int) -> None:
@@ -66,6 +93,7 @@ class SharedKV:
 
     def _run(self, ids, mask, pos, logits, last_only: bool) -> None:
         io = self.io
+        self._step.bound = False  # the names below get other buffers
         b, seq = ids.shape
         total = mask.shape[1]
         # padding only: the kernel masks the future itself
@@ -98,9 +126,29 @@ class SharedKV:
             pos = pos + self.offset
             self._by_rows(lambda r, out: self._run(ids[r:r + 1], mask[r:r + 1], pos[r:r + 1].copy(), out, last_only),
                           logits)
+        elif seq == 1 and self.device == "cpu":
+            self._run_step(ids, mask, pos, logits)
         else:
             self._run(ids, mask, pos + self.offset, logits, last_only)
         return logits
+
+    def _run_step(self, ids, mask, pos, logits) -> None:
+        """One token per row on top of the cache (what decoding is): ``_run`` through the
+        buffers of :class:`_StepFeeds`."""
+        feeds, io = self._step, self.io
+        b, total = mask.shape
+        if not feeds.bound:
+            feeds.bind(io, self.logits_index)
+        np.copyto(feeds.ids, ids)
+        np.add(pos, self.offset, out=feeds.pos)
+        feeds.seqlens.fill(total - 1)
+        feeds.total.fill(total)
+        bias = feeds.bias[: b * total].reshape(b, total)
+        bias.fill(0)
+        np.copyto(bias, self.fill, where=mask == 0)  # padding only: the kernel masks the future itself
+        io.bind_input(ATTENTION_BIAS, "cpu", 0, self.dtype.type, [b, 1, 1, total], bias.ctypes.data)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.sess.run_with_iobinding(io)
 
     def _by_rows(self, run_row, logits) -> None:
         """``run_row(r, logits[r:r+1])`` for every row, the cache bound to that row's slice."""
