@@ -17,7 +17,7 @@ per position exactly as the graph defines them, ``x . dequantize(q)[:, v]`` in f
     logits = ScatterElements(approx, top, rows . x)       # those k logits replaced
 
 Only the candidates' columns are read again (k x 576 int8 per position), from the same int8
-table the embedding already gathers rows from. The logits outside the top ``k`` keep the
+table the embedding reads (both as rows of its transposed copy: ``ort_pack.transposed_gathers``). The logits outside the top ``k`` keep the
 kernel's values; the argmax is the fp32 one whenever it ranks in the kernel's top ``k``.
 ONNX Runtime sessions only: TensorRT computes the head with fp16 activations and needs none of it.
 """
