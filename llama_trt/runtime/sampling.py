@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def _2d(logits) -> tuple[np.ndarray, bool]:
-    x = np.array(logits, dtype=np.float32, copy=True)
+def _2d(logits, copy: bool = True) -> tuple[np.ndarray, bool]:
+    x = np.array(logits, dtype=np.float32, copy=True) if copy else np.asarray(logits, dtype=np.float32)
     squeeze = x.ndim == 1
     return (x[None] if squeeze else x), squeeze
 
@@ -81,12 +81,8 @@ def sample_next(logits, rng: np.random.Generator | None, *, temperature: float =
     Order as in Hugging Face: repetition penalty, temperature, top-k, top-p, then draw.
     temperature == 0 means greedy (argmax after the repetition penalty).
     """
-    penalise = repetition_penalty != 1.0 and seen is not None
-    if temperature <= 0.0 and not penalise:  # greedy: no copy of the logits
-        x = np.asarray(logits)
-        return np.argmax(x, axis=-1).astype(np.int64)
-    x, squeeze = _2d(logits)
-    if penalise:
+    x, squeeze = _2d(logits, copy=False)  # read only here: each filter below returns a new array
+    if repetition_penalty != 1.0 and seen is not None:
         x = apply_repetition_penalty(x, seen, repetition_penalty)
     if temperature <= 0.0:
         ids = np.argmax(x, axis=-1).astype(np.int64)

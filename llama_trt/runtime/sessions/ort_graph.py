@@ -81,6 +81,12 @@ def unshared_name(name: str, node) -> str:
     return f"{name}.{node.name or node.output[0]}"
 
 
+def unshared_original(name: str, node) -> str | None:
+    """The initializer ``name`` is ``node``'s own entry for (:func:`unshared_name` reversed), or None."""
+    suffix = unshared_name("", node)
+    return name.removesuffix(suffix) if name.endswith(suffix) else None
+
+
 def use_ms_domain(model) -> None:
     """Import the ``com.microsoft`` opset (ONNX Runtime's contrib ops) if the model does not yet."""
     from onnx import helper
@@ -89,4 +95,5 @@ def use_ms_domain(model) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-__all__ = ["_Graph", "_attr", "_remove_dead_nodes", "_splice", "readers", "unshared_name", "use_ms_domain"]
+__all__ = ["_Graph", "_attr", "_remove_dead_nodes", "_splice", "readers", "unshared_name", "unshared_original",
+           "use_ms_domain"]

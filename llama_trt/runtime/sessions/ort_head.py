@@ -17,8 +17,8 @@ per position exactly as the graph defines them, ``x . dequantize(q)[:, v]`` in f
     logits = ScatterElements(approx, top, rows . x)       # those k logits replaced
 
 Only the candidates' columns are read again (k x 576 int8 per position), from the same int8
-table the embedding reads (both as rows of its transposed copy: ``ort_pack.transposed_gathers``). The logits outside the top ``k`` keep the
-kernel's values; the argmax is the fp32 one whenever it ranks in the kernel's top ``k``.
+table the embedding reads (both as rows of its transposed copy: ``ort_pack.transposed_gathers``).
+The logits outside the top ``k`` keep the kernel's values; the argmax is the fp32 one whenever it ranks in the kernel's top ``k``.
 ONNX Runtime sessions only: TensorRT computes the head with fp16 activations and needs none of it.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...quantize.qdq import int8_rows
-from .ort_graph import _attr, unshared_name
+from .ort_graph import _attr, unshared_original
 
 #: logits per position recomputed in fp32 (the certificate's top-1 needs the first; KL gains from a few more)
 RESCORE_K = 16
@@ -62,7 +62,7 @@ def _int8_head(g, inits):
 
 def _original(name: str, dq, inits) -> str | None:
     """The initializer an ``_unshare_quantized_weights`` alias of the DQ's input stands for."""
-    base = name.removesuffix(unshared_name("", dq))
+    base = unshared_original(name, dq)
     return base if base in inits else (name if name in inits else None)
 
 

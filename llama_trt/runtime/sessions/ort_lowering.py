@@ -137,9 +137,10 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.skip_norm = _fuse_skip_norm(out)
     report.unshared_quantized = _unshare_quantized_weights(out)
     report.fp16_row_gathers = gather_rows_before_cast(out)
+    readable = weights_dir is not None or not _has_external(out)  # quantized values can be read
     if pack_matmuls:
         report.packed_matmuls = _pack_matmuls(out)
-        if weights_dir is not None or not _has_external(out):
+        if readable:
             report.zero_points_dropped = drop_zero_int8_zero_points(out, weights_dir)
             report.quantized_row_gathers = gather_quantized_rows(out, weights_dir)
             report.packed_quantized = pack_quantized_matmuls(out, weights_dir)
@@ -154,7 +155,7 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
     if rescore_head and rescore_int8_head(out, RESCORE_K):
         report.head_rescored = RESCORE_K
         report.unshared_quantized += _unshare_quantized_weights(out)  # an untied head's DQ now shares q
-    if pack_matmuls and (weights_dir is not None or not _has_external(out)):
+    if pack_matmuls and readable:
         report.row_gathers = transposed_gathers(out, weights_dir)
     _remove_dead_nodes(out)
     _drop_unused(out)

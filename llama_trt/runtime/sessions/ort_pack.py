@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ort_graph import _attr, _splice, readers, unshared_name, use_ms_domain
+from .ort_graph import _attr, _splice, readers, unshared_original, use_ms_domain
 
 #: projections of one activation packed into one GEMM when there are at least this many: q/k/v
 #: (feeding GroupQueryAttention packed, without a Split), not gate/up (2): their Split cost more than
@@ -228,11 +228,8 @@ def transposed_gathers(model, weights_dir: Path | None) -> int:
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     reading = readers(g)
-    shared = set()  # tensors whose DequantizeLinear reads its own entry (``_unshare_quantized_weights``)
-    for n in g.node:
-        if n.op_type == "DequantizeLinear":
-            suffix = unshared_name("", n)
-            shared.update(i.removesuffix(suffix) for i in n.input if i.endswith(suffix))
+    # tensors whose DequantizeLinear reads its own entry (``_unshare_quantized_weights``)
+    shared = {unshared_original(i, n) for n in g.node if n.op_type == "DequantizeLinear" for i in n.input} - {None}
     copies: dict[str, str] = {}
     replace, drop = {}, set()
     for gather in [n for n in g.node if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:

@@ -49,9 +49,9 @@ from ...config import LlamaConfig
 from ...errors import BackendUnavailableError
 from ..artifact import Artifact, ArtifactError
 from .base import Session, physical_cores
+from .malloc_trim import returning_freed_memory
 from .ort_cache import SessionGraph, session_graph
 from .ort_gqa import ATTENTION_BIAS, SEQLENS_K, SHARED, TOTAL_LENGTH
-from .malloc_trim import returning_freed_memory
 from .ort_lowering import LOGITS_INDEX
 from .ort_shared_kv import SharedKV, bind_logits_index
 
