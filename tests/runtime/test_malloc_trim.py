@@ -64,3 +64,40 @@ def test_disabled_or_elsewhere_is_a_no_op():
 
     with returning_freed_memory(enabled=False):
         pass
+
+
+_FAULTS = r"""
+import ctypes, json, resource, sys
+from llama_trt.runtime.sessions.malloc_trim import returning_freed_memory
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+with returning_freed_memory(enabled=sys.argv[1] == "1"):
+    pass
+def step():  # what a decode step does with its logits: a fresh 1 MiB buffer, written, freed
+    p = libc.malloc(1 << 20); ctypes.memset(p, 1, 1 << 20); libc.free(p)
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    step()
+print(json.dumps({"faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 50}))
+"""
+
+
+def _faults_per_step(trim: bool) -> float:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS, "1" if trim else "0"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)["faults_per_step"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux)")
+def test_per_step_buffers_are_reused_after_an_open():
+    """After the open a buffer allocated anew every step is served from the heap, its pages
+    already there: fixing a threshold turns glibc's dynamic ones off for good, and left at 128 KiB
+    every 1 MiB block would be mmapped and fault in its 256 pages each step."""
+    assert _faults_per_step(False) < 8  # glibc's own dynamic threshold already reuses it
+    assert _faults_per_step(True) < 8, _faults_per_step(True)
