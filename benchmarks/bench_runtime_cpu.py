@@ -11,7 +11,11 @@ Every contender lives in its own subprocess (so its peak RSS, ``VmHWM``, is its 
 runtime and KV cache) and all run with the same intra-op thread count (``--threads``;
 onnxruntime-genai gets it through ``intra_op_num_threads`` in its genai_config.json, which
 otherwise defaults to 1 thread here). The parent alternates the contenders within each cycle
-(order reversed every other cycle: machines are noisy) and reports medians. Greedy decoding of a
+(order reversed every other cycle: machines are noisy) and reports medians. It waits ``--settle``
+seconds (default 0.3) before each request: ONNX Runtime's worker threads spin for a while after a
+run, so a contender asked right after another one shares the cores with those spinning threads
+(measured, SmolLM2 int8 at batch 1: TTFT of a 64-token prompt +25 ms for whichever of ours and
+genai ran second, 38 -> 66 ms for ours; with the pause 40 ms). Greedy decoding of a
 fixed random prompt, EOS ignored; TTFT = prefill + first token; decode tok/s over the rest.
 
 Artifacts are built once under ``--workdir`` (our exports with ``llama-trt export``, genai's
@@ -339,7 +343,7 @@ def parse_settings(spec: str) -> list[tuple[int, int, int]]:
 
 
 def run_setting(workers, batch: int, prompt_len: int, new_tokens: int, cycles: int, vocab: int,
-                failed: dict[str, str]) -> dict:
+                failed: dict[str, str], settle: float = 0.0) -> dict:
     """Every contender on the same prompts, alternated (order reversed every other cycle), medians.
     A contender that fails is recorded in ``failed`` and removed from ``workers``."""
     prompts = np.random.default_rng(0).integers(3, vocab, size=(batch, prompt_len)).tolist()
@@ -357,6 +361,7 @@ def run_setting(workers, batch: int, prompt_len: int, new_tokens: int, cycles: i
     samples = {w.name: {"ttft_ms": [], "decode_tokens_per_s": [], "ids": None} for w in workers}
     for cycle in range(cycles):
         for w in list(workers if cycle % 2 == 0 else workers[::-1]):
+            time.sleep(settle)  # the previous contender's spinning threads are done
             r = ask(w, new_tokens)
             if r is None:
                 samples.pop(w.name, None)
@@ -381,6 +386,8 @@ def main() -> None:
                     "(default: --batch x --prompt-len + --new-tokens)")
     ap.add_argument("--cycles", type=int, default=6)
     ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--settle", type=float, default=0.3,
+                    help="seconds to wait before each request (the previous contender's threads stop spinning)")
     ap.add_argument("--only", default="", help="comma-separated contenders (default: all)")
     ap.add_argument("--worker", choices=tuple(KINDS), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -410,7 +417,8 @@ def main() -> None:
     runs, failed, everyone = [], {}, list(workers)
     try:
         for batch, prompt_len, new_tokens in settings:
-            samples = run_setting(workers, batch, prompt_len, new_tokens, args.cycles, vocab, failed)
+            samples = run_setting(workers, batch, prompt_len, new_tokens, args.cycles, vocab, failed,
+                                  args.settle)
             runs.append(((batch, prompt_len, new_tokens), samples))
         stats = {w.name: w.ask({"stats": 1}) for w in workers}
     finally:
@@ -427,6 +435,7 @@ def main() -> None:
     report = {
         "benchmark": "runtime_cpu", "model": args.model,
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads_every_contender": args.threads,
+        "settle_s": args.settle,
         "versions": {"onnxruntime": onnxruntime.__version__,
                      "onnxruntime_genai": _version("onnxruntime_genai"), "transformers": _version("transformers")},
         "skipped": skipped, "failed": failed,
