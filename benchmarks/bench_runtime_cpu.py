@@ -317,6 +317,9 @@ def summarize(samples: dict[str, dict], stats: dict[str, dict], ref: str | None)
 
 
 def ratios(summary: dict[str, dict]) -> dict[str, float]:
+    """Ratios of the medians, and (``..._decode_paired``) the median and range of the per-cycle
+    ratios: within a cycle both contenders ran back to back, so a machine whose speed drifts
+    over minutes moves both samples of a pair together."""
     pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int8_weight_headfloat", "genai_int8"),
              ("ours_int4", "genai_int4"), ("ours_int4_head4", "genai_int4"),
              ("ours_fp32", "transformers_eager_fp32")]
@@ -326,6 +329,11 @@ def ratios(summary: dict[str, dict]) -> dict[str, float]:
             out[f"{a}_vs_{b}_decode"] = (summary[a]["decode_tokens_per_s_median"]
                                          / summary[b]["decode_tokens_per_s_median"])
             out[f"{a}_vs_{b}_ttft"] = summary[a]["ttft_ms_median"] / summary[b]["ttft_ms_median"]
+            paired = [x / y for x, y in zip(summary[a]["decode_tokens_per_s"], summary[b]["decode_tokens_per_s"]) if y]
+            if paired:
+                out[f"{a}_vs_{b}_decode_paired"] = {"median": statistics.median(paired), "min": min(paired),
+                                                    "max": max(paired), "ours_ahead": sum(r >= 1 for r in paired),
+                                                    "cycles": len(paired)}
     return out
 
 
