@@ -147,7 +147,9 @@ def _gemv_rates(w: np.ndarray, repeats: int, threads: int, *, constant: bool) ->
                           initializer=[numpy_helper.from_array(np.ascontiguousarray(w), "w")] if constant else [])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # spinning workers, as the sessions it bounds run (no wake-up between runs); they stop with
+    # the session, before anything else is timed
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {"x": np.ones((1, k), dtype=np.float32)}
@@ -159,6 +161,7 @@ def _gemv_rates(w: np.ndarray, repeats: int, threads: int, *, constant: bool) ->
         t = time.perf_counter()
         sess.run(None, feeds)
         rates.append(w.nbytes / (time.perf_counter() - t) / 1e9)
+    del sess
     return rates
 
 
