@@ -44,12 +44,17 @@ print(json.dumps({"kept_mib": (rss() - before) / 1024}))
 """
 
 
-def _kept(trim: bool) -> float:
+def _fresh(probe: str, trim: bool) -> dict:
+    """``probe`` run in a fresh interpreter (the allocator at its defaults); its JSON line."""
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", _PROBE, "1" if trim else "0"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", probe, "1" if trim else "0"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)["kept_mib"]
+    return json.loads(out.stdout)
+
+
+def _kept(trim: bool) -> float:
+    return _fresh(_PROBE, trim)["kept_mib"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux)")
@@ -87,11 +92,7 @@ print(json.dumps({"faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).r
 
 
 def _faults_per_step(trim: bool) -> float:
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", _FAULTS, "1" if trim else "0"], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)["faults_per_step"]
+    return _fresh(_FAULTS, trim)["faults_per_step"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux)")
