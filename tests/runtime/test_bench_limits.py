@@ -4,8 +4,6 @@ bandwidth that a graph streaming its weights from memory does not beat."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -65,35 +63,32 @@ def test_bandwidth_probe_uses_threads_and_a_buffer_beyond_the_cache():
     assert bw.best_gb_s >= bw.median_gb_s > 0
 
 
-def test_streaming_graph_stays_under_the_limit():
-    """A graph that streams a weight 4x the cache once per step (a GEMV, as decode does) with the
-    same threads runs at or under the limit the probe gives: fraction_of_limit <= 1."""
-    import onnxruntime as ort
+def test_the_limit_covers_ort_gemv_over_a_prepacked_weight(monkeypatch):
+    """A decode step is ONNX Runtime GEMVs over prepacked constant weights, which MLAS can stream
+    faster than numpy reads a buffer; the limit is fraction_of_limit's denominator only if it
+    takes that form's rate too: a GEMV over a constant of 4x the cache, with the session's
+    threads, whose rate becomes the limit when it is the fastest. (Whether a real model stays
+    under it is a timing, so it lives in `llama-trt bench`'s output and benchmarks/RESULTS.md.)"""
+    from llama_trt.runtime import bench
 
-    nbytes = 4 * last_level_cache_bytes()
-    k = 1024
-    w = np.full((k, nbytes // 4 // k), 0.5, dtype=np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          initializer=[numpy_helper.from_array(w, "w")])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]).SerializeToString()
-    x = np.ones((1, k), dtype=np.float32)
-    # a shared machine's load moves between the probe and the GEMV, so they alternate and the limit
-    # is the best the probe saw (bench takes the best of its repeats the same way); the GEMV's
-    # session exists only between probes (its spinning workers would hold the cores)
-    probes, rates = [], []
-    for _ in range(3):
-        probes.append(measure_bandwidth(0, repeats=3, threads=2).best_gb_s)
-        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        sess.run(None, {"x": x})
-        for _ in range(5):
-            t = time.perf_counter()
-            sess.run(None, {"x": x})
-            rates.append(1.0 / (time.perf_counter() - t))
-        del sess
-    probes.append(measure_bandwidth(0, repeats=3, threads=2).best_gb_s)
-    limit = max(probes) * 1e9 / w.nbytes
-    assert float(np.median(rates)) / limit <= 1.0
+    calls = []
+
+    def fake(w, repeats, threads, *, constant):
+        calls.append({"bytes": w.nbytes, "threads": threads, "constant": constant, "repeats": repeats})
+        return [1e6 if constant else 1.0] * repeats
+
+    monkeypatch.setattr(bench, "_gemv_rates", fake)
+    bw = measure_bandwidth(0, repeats=2, threads=2)
+    assert bw.best_gb_s == 1e6
+    constant = [c for c in calls if c["constant"]]
+    assert constant and constant[0]["bytes"] >= 4 * last_level_cache_bytes(), calls
+    assert all(c["threads"] == 2 and c["repeats"] == 2 for c in calls)
+
+
+def test_the_gemv_probe_times_a_real_session():
+    from llama_trt.runtime.bench import _gemv_rates
+
+    w = np.full((256, 512), 0.5, dtype=np.float32)
+    for constant in (False, True):
+        rates = _gemv_rates(w, 3, 2, constant=constant)
+        assert len(rates) == 3 and all(r > 0 for r in rates)
