@@ -1,6 +1,7 @@
 """`bench`'s decode limit: bytes per token counted from the graph at stored sizes (int8 as int8,
 an embedding table one row, a tied table whole and once, RoPE caches one row), and a read
-bandwidth that a graph streaming its weights from memory does not beat."""
+bandwidth probe that includes ONNX Runtime's GEMV over a prepacked weight (the form a decode
+step streams its weights in)."""
 
 from __future__ import annotations
 

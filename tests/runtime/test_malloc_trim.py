@@ -101,4 +101,5 @@ def test_per_step_buffers_are_reused_after_an_open():
     already there: fixing a threshold turns glibc's dynamic ones off for good, and left at 128 KiB
     every 1 MiB block would be mmapped and fault in its 256 pages each step."""
     assert _faults_per_step(False) < 8  # glibc's own dynamic threshold already reuses it
-    assert _faults_per_step(True) < 8, _faults_per_step(True)
+    faults = _faults_per_step(True)
+    assert faults < 8, faults

@@ -14,9 +14,9 @@ block above it is then mmapped and unmapped on free, so a buffer a decode step a
 (the logits: batch x vocab x 4 bytes, 786 KiB for SmolLM2 at batch 4) faults its pages in on every
 step: the kernel that first writes it paid for that (SmolLM2 int8-weight at batch 4: the head's
 ``ScatterElements`` 40-100 us -> 320-1660 us per step). So after the open the mmap threshold is
-fixed at :data:`MMAP_THRESHOLD` and the trim threshold at twice it, the pair glibc's dynamic rule
-would set once such a block had been freed: blocks below it are reused from the heap, and at
-most :data:`TRIM_THRESHOLD` of freed memory stays resident at its top. Other C libraries and
+fixed at :data:`MMAP_THRESHOLD` (below glibc's own 32 MiB ceiling for its dynamic threshold) and
+the trim threshold at twice it, as glibc's dynamic rule pairs them: blocks below it are reused
+from the heap, and at most :data:`TRIM_THRESHOLD` of freed memory stays resident at its top. Other C libraries and
 platforms: nothing is changed.
 """
 
