@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .graph import LinearSite, _init_array, _replace_init
+from .graph import LinearSite, _init_array, _replace_init, private_initializer
 from .stats import input_key
 
 SCALE_GRID = 10
@@ -163,7 +163,9 @@ def apply_awq(model, sites: list[LinearSite], inputs: dict[str, np.ndarray], gro
             s, stats = search_scale(x, torch.cat(ws, dim=1), group, symmetric)
             report.scales[key] = {k: round(v, 8) for k, v in stats.items()}
             report.vectors[key] = s
-            if how == "norm":
+            if how == "norm":  # this norm's own weight: another norm may share the tensor
+                norm = next(n for n in graph.node if group_sites[0].input in n.output)
+                target = private_initializer(graph, target, norm)
                 _replace_init(graph, target, (_init_array(graph, target) / s).astype(np.float32))
             else:
                 _replace_init(graph, target, (_init_array(graph, target) / s[None, :]).astype(np.float32))

@@ -190,6 +190,23 @@ def _replace_init(graph, name: str, arr: np.ndarray) -> None:
     raise KeyError(name)
 
 
+def private_initializer(graph, name: str, reader) -> str:
+    """The name of an initializer holding ``name``'s value that only ``reader`` reads: ``name``
+    itself, or a copy when other nodes read it too. The exporter stores equal tensors once (a
+    model whose RMSNorm weights are all ones has one such vector for every norm), so a fold
+    into one reader's weight must not reach the others."""
+    if all(n is reader or name not in n.input for n in graph.node):
+        return name
+    src = next(i for i in graph.initializer if i.name == name)
+    taken = {i.name for i in graph.initializer}
+    own = next(f"{name}.{k}" for k in range(len(taken) + 1) if f"{name}.{k}" not in taken)
+    copy = graph.initializer.add()
+    copy.CopyFrom(src)
+    copy.name = own
+    reader.input[:] = [own if i == name else i for i in reader.input]
+    return own
+
+
 def _init_array(graph, name: str) -> np.ndarray:
     from onnx import numpy_helper
 

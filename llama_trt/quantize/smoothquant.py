@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import LinearSite, _init_array, _replace_init
+from .graph import LinearSite, _init_array, _replace_init, private_initializer
 
 
 def smoothing_groups(model, sites: list[LinearSite]) -> list[tuple[str, str, list[LinearSite]]]:
@@ -55,10 +55,12 @@ def smooth(model, groups, act_max: dict[str, np.ndarray], alpha: float) -> dict[
         amax = act_max[y].astype(np.float64)
         s = np.where(amax > 0, np.power(amax, alpha) / np.power(wmax.astype(np.float64), 1 - alpha), 1.0)
         s = np.maximum(s, 1e-5).astype(np.float32)
-        _replace_init(graph, norm_w, (_init_array(graph, norm_w) / s).astype(np.float32))
+        norm = next(n for n in graph.node if y in n.output)
+        own = private_initializer(graph, norm_w, norm)  # another norm may share the tensor
+        _replace_init(graph, own, (_init_array(graph, own) / s).astype(np.float32))
         for c, w in zip(consumers, ws):
             _replace_init(graph, c.weight, (w * s[:, None]).astype(np.float32))
-        stats[norm_w] = {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean())}
+        stats[own] = {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean())}
     return stats
 
 
