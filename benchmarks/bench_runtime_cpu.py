@@ -49,7 +49,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 OURS = {"ours_fp32": ("fp32", None), "ours_fp16": ("fp16", None), "ours_int8_weight": ("fp32", "int8-weight"),
-        "ours_int8_weight_headfloat": ("fp32", "int8-weight", "--no-quantize-lm-head"), "ours_int4": ("fp32", "int4-awq"),
+        "ours_int8_weight_headfloat": ("fp32", "int8-weight", "--no-quantize-lm-head"),
+        "ours_int8_weight_block32": ("fp32", "int8-weight", "--int8-kernel-block", "32"), "ours_int4": ("fp32", "int4-awq"),
         "ours_int4_head4": ("fp32", "int4-awq", "--quantize-lm-head")}
 GENAI = {"genai_fp32": "fp32", "genai_fp16": "fp16", "genai_int8": "int8", "genai_int4": "int4"}
 HF = {"transformers_eager_fp32": "fp32"}
@@ -321,6 +322,7 @@ def ratios(summary: dict[str, dict]) -> dict[str, float]:
     ratios: within a cycle both contenders ran back to back, so a machine whose speed drifts
     over minutes moves both samples of a pair together."""
     pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int8_weight_headfloat", "genai_int8"),
+             ("ours_int8_weight_block32", "genai_int8"), ("ours_int8_weight", "ours_int8_weight_block32"),
              ("ours_int4", "genai_int4"), ("ours_int4_head4", "genai_int4"),
              ("ours_fp32", "transformers_eager_fp32")]
     out = {}

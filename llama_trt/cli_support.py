@@ -28,6 +28,7 @@ BACKEND_HELP = "auto (engine -> tensorrt, export -> onnxruntime, checkpoint -> t
 EXPORT_DTYPES = ("fp32", "fp16")
 QUANTIZE_SCHEMES = ("int8-weight", "int8-sq", "int4-awq", "int4-rtn")  # = quantize.schemes.SCHEME_NAMES
 GROUP_SIZES = ("32", "64", "128")
+INT8_KERNEL_BLOCKS = ("auto", "32", "64", "128")  # = "auto" + quantize.schemes.INT8_KERNEL_BLOCKS
 
 
 def backend_option(help: str = BACKEND_HELP):
@@ -155,5 +156,5 @@ class Cli(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-__all__ = ["BACKENDS", "BACKEND_HELP", "Cli", "EXPORT_DTYPES", "FiniteFloat", "QUANTIZE_SCHEMES", "backend_option",
+__all__ = ["BACKENDS", "BACKEND_HELP", "Cli", "EXPORT_DTYPES", "FiniteFloat", "INT8_KERNEL_BLOCKS", "QUANTIZE_SCHEMES", "backend_option",
            "friendly_errors"]

@@ -19,7 +19,8 @@ Imports here are lazy: ``import llama_trt.quantize`` loads neither onnx nor torc
 from __future__ import annotations
 
 QUANTIZE_KWARGS = ("quantize_embeddings", "quantize_lm_head", "sq_alpha", "calib_data", "calib_samples",
-                   "calib_seq_len", "seed", "exclude", "group_size", "int4_zero_point", "sq_target_kl", "certify")
+                   "calib_seq_len", "seed", "exclude", "group_size", "int4_zero_point", "sq_target_kl", "certify",
+                   "int8_kernel_block")
 
 _LAZY = {
     "QuantizeOptions": "schemes", "SCHEMES": "schemes", "SCHEME_NAMES": "schemes", "Scheme": "schemes",

@@ -44,6 +44,12 @@ TENSORRT_INT4_GROUPS = (32, 64, 128)
 HEAD_INT8_BLOCK = 32
 
 
+#: the blocks ONNX Runtime's 8-bit ``MatMulNBits`` kernel can run a per-channel int8 weight in
+#: (runtime/sessions/ort_pack.int8_kernel_blocks; ORT's own fusion takes 32); MLAS has x86 and ARM
+#: kernels for each
+INT8_KERNEL_BLOCKS = (32, 64, 128)
+
+
 @dataclass(frozen=True)
 class Scheme:
     """What a scheme stores and how it chooses its weights."""
@@ -101,6 +107,7 @@ class QuantizeOptions:
     seed: int = 0
     exclude: tuple[str, ...] = ()       # fnmatch patterns of module names kept in float
     certify: bool = True                # accuracy certificate after export (into the manifest)
+    int8_kernel_block: int | None = None  # ONNX Runtime's kernel block of per-channel int8 weights; None: auto
 
     @property
     def name(self) -> str:
@@ -154,7 +161,8 @@ def _scheme(name, group_size, zero_point) -> Scheme:
 
 def parse_options(scheme, *, quantize_embeddings=None, quantize_lm_head=None, sq_alpha=None, calib_data=None,
                   calib_samples=None, calib_seq_len=None, seed: int = 0, exclude=(), group_size=None,
-                  int4_zero_point: bool = False, sq_target_kl=None, certify: bool = True) -> QuantizeOptions:
+                  int4_zero_point: bool = False, sq_target_kl=None, certify: bool = True,
+                  int8_kernel_block=None) -> QuantizeOptions:
     """Check everything that can be checked before any export work; :class:`ExportError` otherwise."""
     if isinstance(scheme, QuantizeOptions):
         return scheme
@@ -182,10 +190,28 @@ def parse_options(scheme, *, quantize_embeddings=None, quantize_lm_head=None, sq
                               f"{sch.name} needs no calibration")
         check_calibration_file(calib_data)
         calib_data = Path(calib_data)
+    block = _kernel_block(sch, int8_kernel_block)
     return QuantizeOptions(sch, bool(quantize_embeddings), None if quantize_lm_head is None else bool(quantize_lm_head), alpha,
                            None if sq_target_kl is None else float(sq_target_kl), calib_data, samples, seq_len,
-                           seed, tuple(str(p) for p in (exclude or ())), bool(certify))
+                           seed, tuple(str(p) for p in (exclude or ())), bool(certify), block)
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "QuantizeOptions", "SCHEMES", "SCHEME_NAMES", "Scheme",
-           "parse_options"]
+def _kernel_block(sch: Scheme, value) -> int | None:
+    """``--int8-kernel-block``: None / "auto" = chosen by the certificate (quantize/kernel_block.py)."""
+    if value is None or value == "auto":
+        return None
+    if sch.name != "int8-weight":
+        raise ExportError(f"--int8-kernel-block applies to --quantize int8-weight (its per-channel int8 weights), "
+                          f"not {sch.name}")
+    try:
+        block = int(value)
+    except (TypeError, ValueError):
+        block = None
+    if block not in INT8_KERNEL_BLOCKS:
+        raise ExportError(f"--int8-kernel-block must be auto or one of {', '.join(map(str, INT8_KERNEL_BLOCKS))}, "
+                          f"got {value!r}")
+    return block
+
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "INT8_KERNEL_BLOCKS", "QuantizeOptions",
+           "SCHEMES", "SCHEME_NAMES", "Scheme", "parse_options"]

@@ -178,7 +178,7 @@ def _tokens_for(artifact_dir: Path, checkpoint_path, reference, eval_text, windo
 def certify(artifact_dir, checkpoint, *, backend: str = "onnxruntime", eval_text=None, window: int = DEFAULT_WINDOW,
             batch: int = DEFAULT_BATCH, tolerances: "dict | Tolerances | None" = None, scheme: str | None = None,
             greedy=None, threads: int | None = None, progress: "bool | Callable" = False,
-            reference=None) -> AccuracyCertificate:
+            reference=None, session_options: dict | None = None) -> AccuracyCertificate:
     """Teacher-forced certificate of ``artifact_dir`` (export or engine folder) against the fp32
     torch model of ``checkpoint`` (a path or a loaded Checkpoint) over ``eval_text`` (a path,
     an :class:`EvalText`, or None = the built-in corpus). Nothing is written: pass the result
@@ -188,7 +188,9 @@ def certify(artifact_dir, checkpoint, *, backend: str = "onnxruntime", eval_text
     ``greedy``: an optional :class:`GreedyResult` copied into the certificate as information;
     ``progress``: True for a rich bar on stderr, or a callable(description, total) -> advance;
     ``reference``: a :class:`~.reference.TorchReference` of ``checkpoint`` shared by several
-    certificates (its fp32 logits of the text are computed once; the certificate is the same).
+    certificates (its fp32 logits of the text are computed once; the certificate is the same);
+    ``session_options``: more options of the artifact's session (e.g. ``int8_block``: a kernel
+    form to certify before the export records it).
     """
     from ..runtime import open_session, resolve_artifact
     from .reference import reference_for
@@ -205,7 +207,7 @@ def certify(artifact_dir, checkpoint, *, backend: str = "onnxruntime", eval_text
     tol = tolerances if isinstance(tolerances, Tolerances) else default_tolerances(
         _precision_of(art.manifest), scheme).with_overrides(dict(tolerances or {}))
     tokens = _tokens_for(artifact_dir, checkpoint_path, torch_ref, eval_text, window)
-    session = open_session(art, backend, threads=threads)
+    session = open_session(art, backend, threads=threads, **dict(session_options or {}))
     try:
         advance, close = _progress(progress, f"teacher-forced pass, {tokens.scored:,} tokens", tokens.scored)
         try:

@@ -277,6 +277,9 @@ def test_builtin_calibration_is_recorded(sq):
     (["--quantize", "int8-sq", "--calib-data", "FLOATNPY"], "token ids must be integers"),
     (["--quantize", "int8-sq", "--sq-alpha", "1.5"], "'--sq-alpha': 1.5 is not in the range 0.0<=x<=1.0"),
     (["--sq-alpha", "0.5"], "need --quantize"),
+    (["--quantize", "int4-rtn", "--int8-kernel-block", "64"], "applies to --quantize int8-weight"),
+    (["--quantize", "int8-weight", "--int8-kernel-block", "48"], "'48' is not one of 'auto', '32', '64', '128'"),
+    (["--int8-kernel-block", "64"], "need --quantize"),
 ])
 def test_cli_bad_quantize_options(args, needle, stories260k, tmp_path):
     from click.testing import CliRunner

@@ -74,7 +74,7 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
-def cache_key(onnx_path: Path, rope_context: int, fused: bool) -> str:
+def cache_key(onnx_path: Path, rope_context: int, fused: bool, int8_block: int = 32) -> str:
     onnx_path = Path(onnx_path).resolve()
     h = hashlib.sha256()
     manifest = onnx_path.parent / "manifest.json"
@@ -83,12 +83,13 @@ def cache_key(onnx_path: Path, rope_context: int, fused: bool) -> str:
         if p.is_file():
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino};".encode())
-    h.update(f"{onnx_path};ctx={rope_context};fused={fused};inline={INLINE_MAX_BYTES};".encode())
+    h.update(f"{onnx_path};ctx={rope_context};fused={fused};inline={INLINE_MAX_BYTES};int8_block={int8_block};".encode())
     h.update(_source_digest().encode())
     return h.hexdigest()[:32]
 
 
-def _build(onnx_path: Path, rope_context: int, fused: bool) -> tuple[bytes, bool, dict[str, Any] | str]:
+def _build(onnx_path: Path, rope_context: int, fused: bool,
+           int8_block: int) -> tuple[bytes, bool, dict[str, Any] | str]:
     from .onnx_skeleton import load_skeleton
     from .ort_lowering import can_lower, lower_for_ort
 
@@ -99,7 +100,8 @@ def _build(onnx_path: Path, rope_context: int, fused: bool) -> tuple[bytes, bool
     if why is not None:
         return model.SerializeToString(), False, f"off: {why}"
     try:
-        lowered, report = lower_for_ort(model, rope_context, weights_dir=Path(onnx_path).resolve().parent)
+        lowered, report = lower_for_ort(model, rope_context, weights_dir=Path(onnx_path).resolve().parent,
+                                        int8_block=int8_block)
     except Exception as e:  # noqa: BLE001 - an unexpected graph: run it as exported
         return model.SerializeToString(), False, f"off: rewrite failed ({type(e).__name__}: {str(e).splitlines()[0]})"
     del lowered.graph.value_info[:]  # shapes recorded for the replaced nodes no longer hold
@@ -125,12 +127,13 @@ def _prune(cache_dir: Path, keep: int = CACHE_ENTRIES) -> None:
 
 
 def session_graph(onnx_path, rope_context: int, *, fused: bool, cache_dir: Path | None = None,
-                  use_cache: bool = True) -> SessionGraph:
-    """The graph for a session over ``onnx_path``: from the cache, or built (and cached)."""
+                  use_cache: bool = True, int8_block: int = 32) -> SessionGraph:
+    """The graph for a session over ``onnx_path``: from the cache, or built (and cached).
+    ``int8_block``: the kernel block of per-channel int8 weights (see :mod:`.ort_pack`)."""
     onnx_path = Path(onnx_path)
     weights_dir = onnx_path.resolve().parent
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(onnx_path, rope_context, fused) if use_cache else ""
+    key = cache_key(onnx_path, rope_context, fused, int8_block) if use_cache else ""
     graph_file, report_file = cache_dir / f"{key}.onnx", cache_dir / f"{key}.json"
     if use_cache and graph_file.is_file() and report_file.is_file():
         try:
@@ -139,7 +142,7 @@ def session_graph(onnx_path, rope_context: int, *, fused: bool, cache_dir: Path 
                 return SessionGraph(None, weights_dir, bool(meta["fused"]), meta["report"], graph_file, True)
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry: rebuild it
-    data, did_fuse, report = _build(onnx_path, rope_context, fused)
+    data, did_fuse, report = _build(onnx_path, rope_context, fused, int8_block)
     if not use_cache:
         return SessionGraph(data, weights_dir, did_fuse, report, None, False)
     try:

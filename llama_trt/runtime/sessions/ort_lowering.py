@@ -48,6 +48,7 @@ from .ort_pack import (
     PACK_MIN,
     drop_zero_int8_zero_points,
     gather_quantized_rows,
+    int8_kernel_blocks,
     gather_rows_before_cast,
     pack_quantized_matmuls,
     transposed_gathers,
@@ -66,6 +67,7 @@ class OrtLoweringReport:
     unshared_quantized: int = 0        # quantized weights also read by another node: DQ given its own entry
     packed_quantized: str = ""         # "a -> b": quantized MatMuls sharing an input packed into one + Split
     zero_points_dropped: int = 0       # all-zero int8 zero points removed (symmetric MatMulNBits)
+    int8_kernel_block: str = ""        # "n @ b": per-channel int8 weights written in blocks of b for MatMulNBits
     quantized_row_gathers: int = 0     # embeddings gathered from a dequantized int4 table -> GatherBlockQuantized
     fp16_row_gathers: int = 0          # embeddings gathered from the fp16 table, then cast (not the whole table)
     group_query_attention: int = 0     # attention blocks -> GroupQueryAttention on an in-place KV cache
@@ -90,6 +92,8 @@ class OrtLoweringReport:
                 self.unshared_quantized,
             "quantized MatMuls with one input packed (+ Split)": self.packed_quantized or "off",
             "all-zero int8 zero points dropped (symmetric MatMulNBits)": self.zero_points_dropped,
+            **({"per-channel int8 weights in kernel blocks (count @ block)": self.int8_kernel_block}
+               if self.int8_kernel_block else {}),
             "embedding rows gathered from the int4 table (GatherBlockQuantized)": self.quantized_row_gathers,
             "embedding rows gathered from the fp16 table, then cast": self.fp16_row_gathers,
             "GroupQueryAttention(com.microsoft, RoPE inside, KV cache updated in place)": self.group_query_attention,
@@ -117,11 +121,12 @@ def _inlined_node_count(model) -> int:
 
 def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified_layer_norm: bool = True,
                   pack_matmuls: bool = True, group_query_attention: bool = True, rescore_head: bool = True,
-                  weights_dir=None):
+                  weights_dir=None, int8_block: int = 32):
     """Return ``(rewritten copy, OrtLoweringReport)``; ``model`` is not modified.
 
     ``weights_dir``: where the model's external weights lie (quantized projections are packed
-    from their values; without it they stay as they are)."""
+    from their values; without it they stay as they are). ``int8_block``: the kernel block of
+    per-channel int8 weights (:func:`.ort_pack.int8_kernel_blocks`; 32 = ONNX Runtime's own)."""
     report = OrtLoweringReport(nodes_before=_inlined_node_count(model))
     counts = count_fused_nodes(model)
     out, _routes = lower_model(model, LoweringOptions(max_context=int(max_context), rms_norm_native=True))
@@ -142,6 +147,8 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.packed_matmuls = _pack_matmuls(out)
         if readable:
             report.zero_points_dropped = drop_zero_int8_zero_points(out, weights_dir)
+            widened = int8_kernel_blocks(out, weights_dir, int(int8_block))
+            report.int8_kernel_block = f"{widened} @ {int8_block}" if widened else ""
             report.quantized_row_gathers = gather_quantized_rows(out, weights_dir)
             report.packed_quantized = pack_quantized_matmuls(out, weights_dir)
     if attention and group_query_attention and report.attention:

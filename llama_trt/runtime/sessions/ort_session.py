@@ -53,6 +53,7 @@ from .malloc_trim import returning_freed_memory
 from .ort_cache import SessionGraph, session_graph
 from .ort_gqa import ATTENTION_BIAS, SEQLENS_K, SHARED, TOTAL_LENGTH
 from .ort_lowering import LOGITS_INDEX
+from ...quantize.schemes import INT8_KERNEL_BLOCKS
 from .ort_shared_kv import SharedKV, bind_logits_index
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
@@ -78,6 +79,16 @@ def cpu_note(onnx_path: Path, device: str) -> str | None:
         return ("fp16 export on CPU: ONNX Runtime's CPU MatMul kernels take fp32, so it converts the fp16 "
                 "weights to fp32 at open: memory and speed of the fp32 export")
     return None
+
+
+def export_int8_block(onnx_path: Path) -> int:
+    """The ONNX Runtime kernel block the export's per-channel int8 weights were certified with
+    (``quantization.ort_kernel.int8_block`` in its manifest, chosen by ``quantize/kernel_block.py``),
+    else 32, ONNX Runtime's own."""
+    quant = _manifest(onnx_path).get("quantization")
+    kernel = quant.get("ort_kernel") if isinstance(quant, dict) else None
+    block = kernel.get("int8_block") if isinstance(kernel, dict) else None
+    return int(block) if isinstance(block, int) and not isinstance(block, bool) else 32
 
 
 def target_warning(onnx_path: Path, device: str) -> str | None:
@@ -113,7 +124,8 @@ class OrtSession(Session):
     def __init__(self, onnx_path, config: LlamaConfig, max_context: int, *, threads: int | None = None,
                  providers: list[str] | None = None, kv_mode: str = "prealloc", fused_ops: bool | None = None,
                  allow_spinning: bool = True, cache_dir: Path | None = None, cache: bool = True,
-                 warn: bool = True, nbits_accuracy_level: int = 4, trim_memory: bool = True, **_ignored) -> None:
+                 warn: bool = True, nbits_accuracy_level: int = 4, trim_memory: bool = True,
+                 int8_block: int | None = None, **_ignored) -> None:
         super().__init__(config, max_context)
         try:
             import onnxruntime as ort
@@ -146,6 +158,11 @@ class OrtSession(Session):
         # the fused kernels are verified on CPU only: default on there, opt-in elsewhere
         if fused_ops is None:
             fused_ops = providers == ["CPUExecutionProvider"]
+        self.int8_block = int(int8_block if int8_block is not None else export_int8_block(self.onnx_path))
+        if self.int8_block not in INT8_KERNEL_BLOCKS:
+            raise ArtifactError(f"int8 kernel block {self.int8_block} is not one of {INT8_KERNEL_BLOCKS} "
+                                "(ONNX Runtime's 8-bit MatMulNBits); re-export with "
+                                "`llama-trt export --quantize int8-weight`")
         self.graph = self._session_graph(max_context, fused_ops, cache_dir, cache)
         self.fused_ops = self.graph.fused
         self.fused_ops_report = self.graph.report
@@ -179,7 +196,7 @@ class OrtSession(Session):
         (made once per export, then read from the cache: see :mod:`.ort_cache`)."""
         try:
             return session_graph(self.onnx_path, max(int(max_context), self.config.max_position_embeddings),
-                                 fused=fused_ops, cache_dir=cache_dir, use_cache=cache)
+                                 fused=fused_ops, cache_dir=cache_dir, use_cache=cache, int8_block=self.int8_block)
         except ImportError as e:
             raise BackendUnavailableError(f"{e}: the ONNX Runtime session needs the onnx package "
                                           "(pip install onnx)") from None
@@ -334,6 +351,7 @@ class OrtSession(Session):
             "enable_mem_pattern": so.enable_mem_pattern,
             "enable_cpu_mem_arena": so.enable_cpu_mem_arena,
             "intra_op_allow_spinning": self.allow_spinning,
+            "int8_kernel_block": self.int8_block,
             "fused_ops": self.fused_ops,
             "fused_ops_rewrite": self.fused_ops_report,
             "graph_cache": (f"{'read from' if self.graph.from_cache else 'written to'} {self.graph.cache_file}"
