@@ -11,7 +11,11 @@ and with every per-channel int8 DQ whose K the block divides rewritten that way 
 graph cache: the export and the user's cache are not touched), alternates batch-1 generation
 (64 + 32 tokens), and certifies both with validate's teacher-forced certificate. Prints JSON.
 
-Not a runtime option: a lead. The rewrite is a monkeypatch of the session's lowering here.
+Superseded (2026-12-06): the block is now the export's (``--int8-kernel-block``, chosen by the
+certificate: quantize/kernel_block.py). Its speed figure is biased: both sessions live in one process
+and each keeps a spinning worker thread (+13% here; +3-7% with each session in its own process,
+bench_runtime_cpu.py's ``ours_int8_weight`` vs ``ours_int8_weight_block32``). Kept for the record of
+benchmarks/RESULTS.md's 2026-12-03 entry.
 """
 
 from __future__ import annotations

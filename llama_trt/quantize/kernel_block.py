@@ -4,7 +4,7 @@ The export keeps its int8 weights per output channel (TensorRT's INT8 weight for
 runs each one as an 8-bit ``MatMulNBits`` that rounds its activation to int8 with one scale per
 block of K; the session can hand it the same weights in blocks of 32 (ORT's own choice), 64 or
 128 (``runtime/sessions/ort_pack.int8_kernel_blocks``). A wider block is faster and rounds the
-activations more coarsely (SmolLM2-135M, batch-1 decode on 2 threads: +13% at 64; certificate KL
+activations more coarsely (SmolLM2-135M, decode on 2 threads: +3-7% at 64; certificate KL
 0.0033 -> 0.0039 at 64, 0.0051 at 128). So the choice is the export's, made here after
 quantization: ``--int8-kernel-block auto`` (the default) certifies blocks of 32 and then of
 :data:`AUTO_BLOCK`, and keeps the wider one only when its certificate passes the scheme's gate;

@@ -28,6 +28,10 @@ to keep quiet; ``target_warning`` holds the text).
 ``trim_memory`` (default on): glibc returns the memory ORT frees while it opens the session
 (:mod:`.malloc_trim`; SmolLM2 int8 peak RSS 398 -> 318 MiB).
 
+``int8_block`` (default: the export's ``quantization.ort_kernel.int8_block``, else 32): the block
+ONNX Runtime's int8 kernel rounds activations in for per-channel int8 weights
+(:func:`.ort_pack.int8_kernel_blocks`; chosen by the export's certificate).
+
 ``allow_spinning=False`` makes ORT's intra-op workers sleep instead of spin-waiting: slower on
 an idle machine, much faster on a busy, shared one (benchmarks/RESULTS.md, "Runtime (CPU)").
 
