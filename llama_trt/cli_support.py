@@ -156,5 +156,5 @@ class Cli(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-__all__ = ["BACKENDS", "BACKEND_HELP", "Cli", "EXPORT_DTYPES", "FiniteFloat", "INT8_KERNEL_BLOCKS", "QUANTIZE_SCHEMES", "backend_option",
-           "friendly_errors"]
+__all__ = ["BACKENDS", "BACKEND_HELP", "Cli", "EXPORT_DTYPES", "FiniteFloat", "INT8_KERNEL_BLOCKS", "QUANTIZE_SCHEMES",
+           "backend_option", "friendly_errors"]

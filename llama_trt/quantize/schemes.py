@@ -44,9 +44,9 @@ TENSORRT_INT4_GROUPS = (32, 64, 128)
 HEAD_INT8_BLOCK = 32
 
 
-#: the blocks ONNX Runtime's 8-bit ``MatMulNBits`` kernel can run a per-channel int8 weight in
-#: (runtime/sessions/ort_pack.int8_kernel_blocks; ORT's own fusion takes 32); MLAS has x86 and ARM
-#: kernels for each
+#: the blocks the session can give ONNX Runtime's 8-bit ``MatMulNBits`` kernel for a per-channel int8
+#: weight (runtime/sessions/ort_pack.int8_kernel_blocks; ORT's own fusion takes 32; each checked on
+#: x86 ORT 1.32, tests/quantize/test_kernel_block.py)
 INT8_KERNEL_BLOCKS = (32, 64, 128)
 
 
