@@ -62,14 +62,13 @@ def certify_kernel_blocks(folder: Path, ckpt, manifest, *, progress: bool = Fals
     requested = record["requested"]
     reference = reference_for(ckpt, None)  # the fp32 logits of the text, computed once for every trial
     blocks = [32, AUTO_BLOCK] if requested == "auto" else [int(requested)]
-    certs, trials = {}, []
+    certs = {}
     for block in blocks:
-        cert = certify(folder, ckpt, scheme=manifest.quantization["scheme"], progress=progress, reference=reference,
-                       session_options={"int8_block": block})
-        certs[block] = cert
-        trials.append(KernelTrial(block, round(cert.kl, 6), round(cert.top1, 5), cert.passed))
-        if not cert.passed:
+        certs[block] = certify(folder, ckpt, scheme=manifest.quantization["scheme"], progress=progress,
+                               reference=reference, session_options={"int8_block": block})
+        if not certs[block].passed:
             break  # a wider block only rounds more coarsely
+    trials = [KernelTrial(b, round(c.kl, 6), round(c.top1, 5), c.passed) for b, c in certs.items()]
     kept = choose(requested, trials)
     record.update(int8_block=kept.block, trials=[t.to_dict() for t in trials],
                   chosen_by="--int8-kernel-block" if requested != "auto" else

@@ -83,7 +83,8 @@ def cache_key(onnx_path: Path, rope_context: int, fused: bool, int8_block: int =
         if p.is_file():
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino};".encode())
-    h.update(f"{onnx_path};ctx={rope_context};fused={fused};inline={INLINE_MAX_BYTES};int8_block={int8_block};".encode())
+    h.update(f"{onnx_path};ctx={rope_context};fused={fused};inline={INLINE_MAX_BYTES};".encode())
+    h.update(f"int8_block={int8_block};".encode())
     h.update(_source_digest().encode())
     return h.hexdigest()[:32]
 

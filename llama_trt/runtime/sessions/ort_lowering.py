@@ -48,8 +48,8 @@ from .ort_pack import (
     PACK_MIN,
     drop_zero_int8_zero_points,
     gather_quantized_rows,
-    int8_kernel_blocks,
     gather_rows_before_cast,
+    int8_kernel_blocks,
     pack_quantized_matmuls,
     transposed_gathers,
 )

@@ -303,5 +303,5 @@ def transposed_gathers(model, weights_dir: Path | None) -> int:
     return len(replace)
 
 
-__all__ = ["INT8_KERNEL_BLOCKS", "drop_zero_int8_zero_points", "gather_quantized_rows", "gather_rows_before_cast",
-           "int8_kernel_blocks", "pack_quantized_matmuls", "transposed_gathers"]
+__all__ = ["drop_zero_int8_zero_points", "gather_quantized_rows", "gather_rows_before_cast", "int8_kernel_blocks",
+           "pack_quantized_matmuls", "transposed_gathers"]

@@ -51,13 +51,13 @@ import numpy as np
 
 from ...config import LlamaConfig
 from ...errors import BackendUnavailableError
+from ...quantize.schemes import INT8_KERNEL_BLOCKS
 from ..artifact import Artifact, ArtifactError
 from .base import Session, physical_cores
 from .malloc_trim import returning_freed_memory
 from .ort_cache import SessionGraph, session_graph
 from .ort_gqa import ATTENTION_BIAS, SEQLENS_K, SHARED, TOTAL_LENGTH
 from .ort_lowering import LOGITS_INDEX
-from ...quantize.schemes import INT8_KERNEL_BLOCKS
 from .ort_shared_kv import SharedKV, bind_logits_index
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
