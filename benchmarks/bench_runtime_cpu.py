@@ -51,7 +51,8 @@ import numpy as np  # noqa: E402
 OURS = {"ours_fp32": ("fp32", None), "ours_fp16": ("fp16", None), "ours_int8_weight": ("fp32", "int8-weight"),
         "ours_int8_weight_headfloat": ("fp32", "int8-weight", "--no-quantize-lm-head"),
         "ours_int8_weight_block32": ("fp32", "int8-weight", "--int8-kernel-block", "32"), "ours_int4": ("fp32", "int4-awq"),
-        "ours_int4_head4": ("fp32", "int4-awq", "--quantize-lm-head")}
+        "ours_int4_head4": ("fp32", "int4-awq", "--quantize-lm-head"),
+        "ours_int4_scan8": ("fp32", "int4-awq", "--head-scan-bits", "8")}
 GENAI = {"genai_fp32": "fp32", "genai_fp16": "fp16", "genai_int8": "int8", "genai_int4": "int4"}
 HF = {"transformers_eager_fp32": "fp32"}
 

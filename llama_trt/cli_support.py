@@ -29,6 +29,7 @@ EXPORT_DTYPES = ("fp32", "fp16")
 QUANTIZE_SCHEMES = ("int8-weight", "int8-sq", "int4-awq", "int4-rtn")  # = quantize.schemes.SCHEME_NAMES
 GROUP_SIZES = ("32", "64", "128")
 INT8_KERNEL_BLOCKS = ("auto", "32", "64", "128")  # = "auto" + quantize.schemes.INT8_KERNEL_BLOCKS
+HEAD_SCAN_BITS = ("auto", "4", "8")  # = "auto" + quantize.schemes.HEAD_SCAN_BITS
 
 
 def backend_option(help: str = BACKEND_HELP):
@@ -156,5 +157,5 @@ class Cli(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-__all__ = ["BACKENDS", "BACKEND_HELP", "Cli", "EXPORT_DTYPES", "FiniteFloat", "INT8_KERNEL_BLOCKS", "QUANTIZE_SCHEMES",
+__all__ = ["BACKENDS", "BACKEND_HELP", "Cli", "EXPORT_DTYPES", "FiniteFloat", "HEAD_SCAN_BITS", "INT8_KERNEL_BLOCKS", "QUANTIZE_SCHEMES",
            "backend_option", "friendly_errors"]

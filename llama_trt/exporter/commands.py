@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, INT8_KERNEL_BLOCKS, QUANTIZE_SCHEMES, FiniteFloat, friendly_errors
+from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, HEAD_SCAN_BITS, INT8_KERNEL_BLOCKS, QUANTIZE_SCHEMES, FiniteFloat, friendly_errors
 
 
 
@@ -41,6 +41,10 @@ from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, INT8_KERNEL_BLOCKS, QUANTI
 @click.option("--int8-kernel-block", type=click.Choice(INT8_KERNEL_BLOCKS), default=None,
               help="int8-weight on ONNX Runtime: the block its int8 kernel rounds activations in (wider: faster, "
                    "coarser). auto (default): 64 when that passes the certificate, else 32.")
+@click.option("--head-scan-bits", type=click.Choice(HEAD_SCAN_BITS), default=None,
+              help="int4 schemes on ONNX Runtime: find the int8 lm head's best logits with an int4 copy of it (4: "
+                   "faster) or the int8 head itself (8); either way they are rescored from the int8 weights. "
+                   "auto (default): 4 when that passes the certificate, else 8.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
               help="Calibration data for int8-sq / int4-awq / int8-weight's AWQ scaling: text (needs the checkpoint's tokenizer) or token ids "
                    "(.npy, or .txt of comma/space separated ints). Default: the model's own sampled text.")
@@ -48,7 +52,7 @@ from ..cli_support import EXPORT_DTYPES, GROUP_SIZES, INT8_KERNEL_BLOCKS, QUANTI
 @friendly_errors
 def export_cmd(checkpoint: Path, out_dir: Path, dtype: str, opset: int, force: bool, no_ort_check: bool,
                quantize, group_size, int4_zero_point, quantize_embeddings, quantize_lm_head, quantize_exclude,
-               sq_alpha, sq_target_kl, no_certify, int8_kernel_block, calib_data, calib_samples) -> None:
+               sq_alpha, sq_target_kl, no_certify, int8_kernel_block, head_scan_bits, calib_data, calib_samples) -> None:
     """Export CHECKPOINT to ONNX with llama_trt RMSNorm / RotaryEmbedding plugin nodes."""
     from . import export
 
@@ -57,9 +61,11 @@ def export_cmd(checkpoint: Path, out_dir: Path, dtype: str, opset: int, force: b
         qkw = dict(quantize=quantize, quantize_embeddings=quantize_embeddings, quantize_lm_head=quantize_lm_head,
                    exclude=quantize_exclude, sq_alpha=sq_alpha, calib_data=calib_data, calib_samples=calib_samples,
                    group_size=None if group_size is None else int(group_size), int4_zero_point=int4_zero_point,
-                   sq_target_kl=sq_target_kl, certify=not no_certify, int8_kernel_block=int8_kernel_block)
+                   sq_target_kl=sq_target_kl, certify=not no_certify, int8_kernel_block=int8_kernel_block,
+                   head_scan_bits=head_scan_bits)
     elif any(v not in (None, ()) for v in (quantize_embeddings, quantize_lm_head, sq_alpha, calib_data,
-                                            calib_samples, group_size, sq_target_kl, int8_kernel_block)) \
+                                            calib_samples, group_size, sq_target_kl, int8_kernel_block,
+                                            head_scan_bits)) \
             or quantize_exclude or int4_zero_point or no_certify:
         from ..errors import ExportError
 
@@ -75,7 +81,7 @@ def export_cmd(checkpoint: Path, out_dir: Path, dtype: str, opset: int, force: b
 
 
 def _print_quantization(q: dict, certificate: dict | None) -> None:
-    from ..quantize.kernel_block import describe as describe_kernel_block
+    from ..quantize.kernel_form import describe as describe_kernel_form
     from ..validate.certificate import certificate_from_manifest
 
     group = f" g{q['group_size']}" if q.get("group_size") else ""
@@ -91,7 +97,7 @@ def _print_quantization(q: dict, certificate: dict | None) -> None:
                    + ", ".join(q["w8a16_fallback"]))
     if q.get("spec", {}).get("tensorrt_note"):
         click.echo(f"  note: not buildable by TensorRT: {q['spec']['tensorrt_note']}")
-    kernel = describe_kernel_block(q.get("ort_kernel"))
+    kernel = describe_kernel_form(q.get("ort_kernel"))
     if kernel:
         click.echo(f"  {kernel}")
     cert = certificate_from_manifest({"certificate": certificate})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 QUANTIZE_KWARGS = ("quantize_embeddings", "quantize_lm_head", "sq_alpha", "calib_data", "calib_samples",
                    "calib_seq_len", "seed", "exclude", "group_size", "int4_zero_point", "sq_target_kl", "certify",
-                   "int8_kernel_block")
+                   "int8_kernel_block", "head_scan_bits")
 
 _LAZY = {
     "QuantizeOptions": "schemes", "SCHEMES": "schemes", "SCHEME_NAMES": "schemes", "Scheme": "schemes",

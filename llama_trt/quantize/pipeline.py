@@ -28,7 +28,7 @@ from ..errors import ExportError
 from .calibration import CalibrationData, builtin_calibration, load_calibration_file
 from .graph import GraphInfo, LinearSite, _digest, _init_array, analyse_graph, check_no_float_copies, \
     inspect_quantized
-from .kernel_block import KEY as KERNEL_KEY, certify_kernel_blocks, initial_record
+from .kernel_form import KEY as KERNEL_KEY, certify_kernel_forms, initial_record
 from .qdq import add_weight_dq, gather_from_head, gather_int8_rows, replace_with_dq, store_fp16
 from .report import Progress
 from .schemes import QuantizeOptions
@@ -356,10 +356,11 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
         "activations": None, "sq_alpha": None, "smoothing": None, "calibration": None,
         **record,
         "quantize_embeddings": bool(options.embeddings), "quantize_lm_head": bool(options.lm_head),
-        "lm_head": "float" if options.head_bits is None else f"int{options.head_bits}",
+        "lm_head": _head_name(options),
         "lm_head_block_size": next((_int8_group(s, options) for s in sites if s.name == "lm_head"), None),
         "embedding": embedding, "quantized": [s.name for s in sites], "excluded": excluded,
-        **({KERNEL_KEY: kernel} if (kernel := initial_record(sch.name, options.int8_kernel_block)) else {}),
+        **({KERNEL_KEY: kernel} if (kernel := initial_record(sch.name, _head_name(options), _kernel_request(options)))
+           else {}),
         "weight_bytes": facts["weight_bytes"], "library": {"onnxruntime": onnxruntime.__version__},
         "base_model_bytes": base.model_bytes,
     }
@@ -372,6 +373,16 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
     check_exported(out_dir, manifest, ort_smoke=ort_check)
     (out_dir / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+def _head_name(options: QuantizeOptions) -> str:
+    return "float" if options.head_bits is None else f"int{options.head_bits}"
+
+
+def _kernel_request(options: QuantizeOptions) -> dict[str, int]:
+    """The ONNX Runtime kernel form values the options name (the rest: chosen by the certificate)."""
+    asked = {"int8_block": options.int8_kernel_block, "head_scan_bits": options.head_scan_bits}
+    return {k: v for k, v in asked.items() if v is not None}
 
 
 def _embedding(model, info: GraphInfo, sites, options) -> tuple[list[str], str]:
@@ -433,8 +444,8 @@ def certify_export(folder: Path, ckpt, manifest, *, progress: bool = False):
     from ..exporter.manifest import MANIFEST_NAME
     from ..validate.teacher_forced import certify
 
-    if KERNEL_KEY in manifest.quantization:  # int8-weight: ONNX Runtime's kernel block is chosen by certificate
-        return certify_kernel_blocks(folder, ckpt, manifest, progress=progress)
+    if KERNEL_KEY in manifest.quantization:  # ONNX Runtime's kernel form is chosen by certificate
+        return certify_kernel_forms(folder, ckpt, manifest, progress=progress)
     cert = certify(folder, ckpt, scheme=manifest.quantization["scheme"], progress=progress)
     manifest = replace(manifest, certificate=cert.to_dict())
     (folder / MANIFEST_NAME).write_text(manifest.to_json())

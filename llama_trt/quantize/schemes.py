@@ -48,6 +48,48 @@ HEAD_INT8_BLOCK = 32
 #: weight (runtime/sessions/ort_pack.int8_kernel_blocks; ORT's own fusion takes 32; each checked on
 #: x86 ORT 1.32, tests/quantize/test_kernel_block.py)
 INT8_KERNEL_BLOCKS = (32, 64, 128)
+#: the weights an ONNX Runtime session finds an int8 lm head's candidates with: 8 = the head itself,
+#: 4 = an int4 copy of it in blocks of :data:`HEAD_SCAN_BLOCK` (runtime/sessions/ort_head.int4_head_scan;
+#: the candidates are rescored from the int8 weights either way)
+HEAD_SCAN_BITS = (4, 8)
+#: the int4 copy's block along K: on SmolLM2 int4-awq (certificate KL 0.267 with the int8 scan), blocks
+#: of 32 gave 0.305, 64 0.319 (misses int4's perplexity gate), 16 0.298; zero points 0.294 but decode
+#: slower; clipping each block to its least-squares range 0.350 (the head's large weights matter)
+HEAD_SCAN_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class OrtKernelForm:
+    """How an ONNX Runtime CPU session runs an export's quantized weights. The export's file is
+    the same either way; the session graph (runtime/sessions/ort_lowering) differs, and so do
+    speed and accuracy, so the form is chosen by the export's certificate and recorded in its
+    manifest (``quantization.ort_kernel``; quantize/kernel_block.py)."""
+
+    int8_block: int = 32            # per-channel int8 weights handed to MatMulNBits in blocks of this
+    head_scan_bits: int = 8         # an int8 lm head's candidates found with 8- or 4-bit weights
+
+    def __post_init__(self) -> None:
+        if self.int8_block not in INT8_KERNEL_BLOCKS:
+            raise ValueError(f"int8 kernel block {self.int8_block} is not one of {INT8_KERNEL_BLOCKS}")
+        if self.head_scan_bits not in HEAD_SCAN_BITS:
+            raise ValueError(f"head scan bits {self.head_scan_bits} is not one of {HEAD_SCAN_BITS}")
+
+    @classmethod
+    def from_record(cls, record) -> "OrtKernelForm":
+        """The form a manifest's ``quantization.ort_kernel`` records (fields it lacks: the defaults,
+        which is how exports made before a field existed were certified). Bad values raise ValueError."""
+        record = record if isinstance(record, dict) else {}
+        values = {}
+        for name in ("int8_block", "head_scan_bits"):
+            value = record.get(name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{name} {value!r} is not an integer")
+                values[name] = value
+        return cls(**values)
+
+    def key(self) -> str:
+        return f"int8_block={self.int8_block};head_scan_bits={self.head_scan_bits};"
 
 
 @dataclass(frozen=True)
@@ -108,6 +150,7 @@ class QuantizeOptions:
     exclude: tuple[str, ...] = ()       # fnmatch patterns of module names kept in float
     certify: bool = True                # accuracy certificate after export (into the manifest)
     int8_kernel_block: int | None = None  # ONNX Runtime's kernel block of per-channel int8 weights; None: auto
+    head_scan_bits: int | None = None   # int4 schemes: bits of the int8 head's candidate search on ORT; None: auto
 
     @property
     def name(self) -> str:
@@ -162,7 +205,7 @@ def _scheme(name, group_size, zero_point) -> Scheme:
 def parse_options(scheme, *, quantize_embeddings=None, quantize_lm_head=None, sq_alpha=None, calib_data=None,
                   calib_samples=None, calib_seq_len=None, seed: int = 0, exclude=(), group_size=None,
                   int4_zero_point: bool = False, sq_target_kl=None, certify: bool = True,
-                  int8_kernel_block=None) -> QuantizeOptions:
+                  int8_kernel_block=None, head_scan_bits=None) -> QuantizeOptions:
     """Check everything that can be checked before any export work; :class:`ExportError` otherwise."""
     if isinstance(scheme, QuantizeOptions):
         return scheme
@@ -191,9 +234,24 @@ def parse_options(scheme, *, quantize_embeddings=None, quantize_lm_head=None, sq
         check_calibration_file(calib_data)
         calib_data = Path(calib_data)
     block = _kernel_block(sch, int8_kernel_block)
-    return QuantizeOptions(sch, bool(quantize_embeddings), None if quantize_lm_head is None else bool(quantize_lm_head), alpha,
-                           None if sq_target_kl is None else float(sq_target_kl), calib_data, samples, seq_len,
-                           seed, tuple(str(p) for p in (exclude or ())), bool(certify), block)
+    options = QuantizeOptions(sch, bool(quantize_embeddings), None if quantize_lm_head is None else bool(quantize_lm_head),
+                              alpha, None if sq_target_kl is None else float(sq_target_kl), calib_data, samples, seq_len,
+                              seed, tuple(str(p) for p in (exclude or ())), bool(certify), block)
+    return replace(options, head_scan_bits=_head_scan_bits(options, head_scan_bits))
+
+
+def _head_scan_bits(options: QuantizeOptions, value) -> int | None:
+    """``--head-scan-bits``: None / "auto" = chosen by the certificate (quantize/kernel_form.py)."""
+    if value is None or value == "auto":
+        return None
+    if options.scheme.weight_bits != 4 or options.head_bits != 8:
+        head = "float" if options.head_bits is None else f"int{options.head_bits}"
+        raise ExportError(f"--head-scan-bits applies to int4 schemes with the lm head int8 (their default), "
+                          f"not {options.name} with the head {head}")
+    bits = int(value) if str(value).isdigit() else None
+    if bits not in HEAD_SCAN_BITS:
+        raise ExportError(f"--head-scan-bits must be auto or one of {', '.join(map(str, HEAD_SCAN_BITS))}, got {value!r}")
+    return bits
 
 
 def _kernel_block(sch: Scheme, value) -> int | None:
@@ -213,5 +271,6 @@ def _kernel_block(sch: Scheme, value) -> int | None:
     return block
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "INT8_KERNEL_BLOCKS", "QuantizeOptions",
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "HEAD_SCAN_BITS", "HEAD_SCAN_BLOCK", "INT8_KERNEL_BLOCKS",
+           "OrtKernelForm", "QuantizeOptions",
            "SCHEMES", "SCHEME_NAMES", "Scheme", "parse_options"]

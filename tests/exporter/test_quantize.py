@@ -280,6 +280,11 @@ def test_builtin_calibration_is_recorded(sq):
     (["--quantize", "int4-rtn", "--int8-kernel-block", "64"], "applies to --quantize int8-weight"),
     (["--quantize", "int8-weight", "--int8-kernel-block", "48"], "'48' is not one of 'auto', '32', '64', '128'"),
     (["--int8-kernel-block", "64"], "need --quantize"),
+    (["--quantize", "int8-weight", "--head-scan-bits", "4"], "applies to int4 schemes with the lm head int8"),
+    (["--quantize", "int4-awq", "--quantize-lm-head", "--head-scan-bits", "4"],
+     "not int4-awq with the head int4"),
+    (["--quantize", "int4-rtn", "--head-scan-bits", "2"], "'2' is not one of 'auto', '4', '8'"),
+    (["--head-scan-bits", "4"], "need --quantize"),
 ])
 def test_cli_bad_quantize_options(args, needle, stories260k, tmp_path):
     from click.testing import CliRunner

@@ -76,3 +76,29 @@ def test_cache_key_follows_the_export(tmp_path):
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(time.time())))
     assert cache_key(path, 128, True) != key
+
+
+def test_a_model_serialized_in_parts_parses_back_whole():
+    """The parts' concatenation is one valid encoding: onnx's parser (protobuf merging the graph
+    message and appending initializers) gives the same model, and ONNX Runtime runs it."""
+    import onnxruntime as ort
+
+    from llama_trt.runtime.sessions.onnx_skeleton import serialize_in_parts
+
+    model, arrays = _model()
+    whole = model.SerializeToString()
+    parts = serialize_in_parts(onnx.ModelProto.FromString(whole), big_bytes=2000)
+    assert len(parts) == 1 + 2 * 3  # the rest, then a frame and a tensor for each of the 3 over 2000 bytes
+    back = onnx.ModelProto.FromString(b"".join(parts))
+    assert back.producer_name == "test" and back.graph.doc_string == "kept"
+    assert list(back.graph.node) == list(model.graph.node) and list(back.graph.output) == list(model.graph.output)
+    got = {t.name: numpy_helper.to_array(t) for t in back.graph.initializer}
+    assert got.keys() == arrays.keys()
+    for n, a in arrays.items():
+        np.testing.assert_array_equal(got[n], a)
+    for out, a in zip(back.graph.output, arrays.values()):  # typed outputs, as ONNX Runtime wants
+        out.CopyFrom(helper.make_tensor_value_info(out.name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape))
+    parts = serialize_in_parts(back, big_bytes=2000)
+    outs = ort.InferenceSession(b"".join(parts), providers=["CPUExecutionProvider"]).run(None, {})
+    for out, a in zip(outs, arrays.values()):
+        np.testing.assert_array_equal(out, a)

@@ -138,4 +138,37 @@ def load_skeleton(path, inline_max_bytes: int = 1 << 18):
     return model
 
 
-__all__ = ["load_skeleton"]
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(field: int, length: int) -> bytes:
+    return _encode_varint(field << 3 | 2) + _encode_varint(length)
+
+
+def serialize_in_parts(model, big_bytes: int = 1 << 20) -> list[bytes]:
+    """The encoding of ``model`` as parts whose concatenation parses to the same model: the model
+    without its inline initializers over ``big_bytes``, then each of those framed as a ModelProto
+    holding a graph holding that one initializer (protobuf merges a repeated singular message's
+    occurrences and appends to repeated fields). ``SerializeToString`` of the whole grows one
+    buffer by doubling: a session graph with 47 MB of inline tensors peaked at 4x its size there.
+    Removes those initializers from ``model``."""
+    g = model.graph
+    big = [i for i, t in enumerate(g.initializer) if len(t.raw_data) > big_bytes]
+    tensors = []
+    for i in reversed(big):
+        tensors.append(g.initializer[i].SerializeToString())
+        del g.initializer[i]
+    parts = [model.SerializeToString()]
+    for t in reversed(tensors):
+        inner = _length_delimited(_INITIALIZER, len(t))
+        parts += [_length_delimited(_GRAPH, len(inner) + len(t)) + inner, t]
+    return parts
+
+
+__all__ = ["load_skeleton", "serialize_in_parts"]

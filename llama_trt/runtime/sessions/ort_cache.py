@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...quantize.schemes import OrtKernelForm
+
 #: initializers up to this many bytes are read into the graph (the rewrite reads inv_freq, shapes...)
 INLINE_MAX_BYTES = 1 << 18
 CACHE_SUBDIR = "ort-graphs"
@@ -64,17 +66,18 @@ class SessionGraph:
 
 
 def _source_digest() -> str:
-    from ...quantize import qdq
+    from ...quantize import qdq, schemes, weights
     from ...trt_engines import lowering as trt_lowering
     from . import onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack
 
     h = hashlib.sha256()
-    for mod in (onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack, qdq, trt_lowering):
+    for mod in (onnx_skeleton, ort_attention, ort_gqa, ort_graph, ort_head, ort_lowering, ort_pack, qdq, schemes,
+                weights, trt_lowering):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 
 
-def cache_key(onnx_path: Path, rope_context: int, fused: bool, int8_block: int = 32) -> str:
+def cache_key(onnx_path: Path, rope_context: int, fused: bool, form: OrtKernelForm = OrtKernelForm()) -> str:
     onnx_path = Path(onnx_path).resolve()
     h = hashlib.sha256()
     manifest = onnx_path.parent / "manifest.json"
@@ -84,36 +87,39 @@ def cache_key(onnx_path: Path, rope_context: int, fused: bool, int8_block: int =
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino};".encode())
     h.update(f"{onnx_path};ctx={rope_context};fused={fused};inline={INLINE_MAX_BYTES};".encode())
-    h.update(f"int8_block={int8_block};".encode())
+    h.update(form.key().encode())
     h.update(_source_digest().encode())
     return h.hexdigest()[:32]
 
 
 def _build(onnx_path: Path, rope_context: int, fused: bool,
-           int8_block: int) -> tuple[bytes, bool, dict[str, Any] | str]:
-    from .onnx_skeleton import load_skeleton
+           form: OrtKernelForm) -> tuple[list[bytes], bool, dict[str, Any] | str]:
+    """The session graph's encoding (in parts: :func:`.onnx_skeleton.serialize_in_parts`), whether
+    it was rewritten, and the rewrite's report or why not."""
+    from .onnx_skeleton import load_skeleton, serialize_in_parts
     from .ort_lowering import can_lower, lower_for_ort
 
     model = load_skeleton(onnx_path, INLINE_MAX_BYTES)
     if not fused:
-        return model.SerializeToString(), False, "off (fused_ops=False)"
+        return [model.SerializeToString()], False, "off (fused_ops=False)"
     why = can_lower(model)
     if why is not None:
-        return model.SerializeToString(), False, f"off: {why}"
+        return [model.SerializeToString()], False, f"off: {why}"
     try:
         lowered, report = lower_for_ort(model, rope_context, weights_dir=Path(onnx_path).resolve().parent,
-                                        int8_block=int8_block)
+                                        form=form)
     except Exception as e:  # noqa: BLE001 - an unexpected graph: run it as exported
-        return model.SerializeToString(), False, f"off: rewrite failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+        return [model.SerializeToString()], False, f"off: rewrite failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+    del model
     del lowered.graph.value_info[:]  # shapes recorded for the replaced nodes no longer hold
-    return lowered.SerializeToString(), True, report.to_dict()
+    return serialize_in_parts(lowered), True, report.to_dict()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: "bytes | list[bytes]") -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.writelines([data] if isinstance(data, bytes) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -128,13 +134,14 @@ def _prune(cache_dir: Path, keep: int = CACHE_ENTRIES) -> None:
 
 
 def session_graph(onnx_path, rope_context: int, *, fused: bool, cache_dir: Path | None = None,
-                  use_cache: bool = True, int8_block: int = 32) -> SessionGraph:
+                  use_cache: bool = True, form: OrtKernelForm = OrtKernelForm()) -> SessionGraph:
     """The graph for a session over ``onnx_path``: from the cache, or built (and cached).
-    ``int8_block``: the kernel block of per-channel int8 weights (see :mod:`.ort_pack`)."""
+    ``form``: how the quantized weights are handed to ONNX Runtime's kernels (the export's
+    certified form; see :class:`~llama_trt.quantize.schemes.OrtKernelForm`)."""
     onnx_path = Path(onnx_path)
     weights_dir = onnx_path.resolve().parent
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(onnx_path, rope_context, fused, int8_block) if use_cache else ""
+    key = cache_key(onnx_path, rope_context, fused, form) if use_cache else ""
     graph_file, report_file = cache_dir / f"{key}.onnx", cache_dir / f"{key}.json"
     if use_cache and graph_file.is_file() and report_file.is_file():
         try:
@@ -143,17 +150,17 @@ def session_graph(onnx_path, rope_context: int, *, fused: bool, cache_dir: Path 
                 return SessionGraph(None, weights_dir, bool(meta["fused"]), meta["report"], graph_file, True)
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry: rebuild it
-    data, did_fuse, report = _build(onnx_path, rope_context, fused, int8_block)
+    parts, did_fuse, report = _build(onnx_path, rope_context, fused, form)
     if not use_cache:
-        return SessionGraph(data, weights_dir, did_fuse, report, None, False)
+        return SessionGraph(b"".join(parts), weights_dir, did_fuse, report, None, False)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(graph_file, data)
+        _write_atomic(graph_file, parts)
         _write_atomic(report_file, json.dumps({"fused": did_fuse, "report": report,
                                                "export": str(onnx_path.resolve())}).encode())
         _prune(cache_dir)
     except OSError:  # a read-only cache: run uncached
-        return SessionGraph(data, weights_dir, did_fuse, report, None, False)
+        return SessionGraph(b"".join(parts), weights_dir, did_fuse, report, None, False)
     return SessionGraph(None, weights_dir, did_fuse, report, graph_file, False)
 
 

@@ -20,6 +20,9 @@ Only the candidates' columns are read again (k x 576 int8 per position), from th
 table the embedding reads (both as rows of its transposed copy: ``ort_pack.transposed_gathers``).
 The logits outside the top ``k`` keep the kernel's values; the argmax is the fp32 one whenever it ranks in the kernel's top ``k``.
 ONNX Runtime sessions only: TensorRT computes the head with fp16 activations and needs none of it.
+
+:func:`int4_head_scan` then lets an int4 copy of the head find the candidates (``approx``), half the
+bytes per token; the export's certificate decides whether it does (``quantize/kernel_form.py``).
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ from __future__ import annotations
 import numpy as np
 
 from ...quantize.qdq import int8_rows
+from ...quantize.weights import quantize_blocked, to_tensors
 from .ort_graph import _attr, unshared_original
+from .ort_pack import _initializer_array
 
 #: logits per position recomputed in fp32 (the certificate's top-1 needs the first; KL gains from a few more)
 RESCORE_K = 16
+#: ... when an int4 copy found them (:func:`int4_head_scan`), whose error reaches further down the ranking
+#: (SmolLM2 int4-awq: KL 0.305 / perplexity x1.336 with 16, 0.297 / x1.325 with 32, 0.290 / x1.311 with 64;
+#: the int8 scan 0.267 / x1.276)
+SCAN_RESCORE_K = 32
 PREFIX = "llama_trt.head_rescore"
 
 
@@ -64,6 +73,69 @@ def _original(name: str, dq, inits) -> str | None:
     """The initializer an ``_unshare_quantized_weights`` alias of the DQ's input stands for."""
     base = unshared_original(name, dq)
     return base if base in inits else (name if name in inits else None)
+
+
+def int4_head_scan(model, weights_dir, block: int) -> bool:
+    """The rescored int8 head's candidate search (``approx`` above) run on an int4 copy of the
+    same weights: the int8 table dequantized and quantized again to symmetric int4 in blocks of
+    ``block`` along K (``quantize.weights.quantize_blocked``), which ONNX Runtime fuses into a
+    4-bit ``MatMulNBits`` reading half the bytes of the 8-bit one. The candidates are still
+    recomputed from the int8 columns, so only the logits outside them carry the int4 error.
+    Meant for int4 exports, whose layers carry far more error than this adds, and whose int8
+    head is half the weight bytes a SmolLM2 int4 token reads. Runs after
+    :func:`rescore_int8_head` and :func:`.ort_pack.transposed_gathers` (the int8 table then has
+    no reader left but the head's own DequantizeLinear, which this replaces). The int4 copy is
+    inline in the session graph. False when there is no rescored int8 head."""
+    from onnx import helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    mm = producer.get(f"{PREFIX}.approx")
+    dq = producer.get(mm.input[1]) if mm is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or any(i not in inits for i in dq.input[:2]):
+        return False
+    q = _initializer_array(inits[dq.input[0]], weights_dir)
+    scale = _initializer_array(inits[dq.input[1]], weights_dir).astype(np.float32)
+    if q.dtype != np.int8 or q.ndim != 2 or q.shape[0] % block:
+        return False
+    tensors = _int4_copy(q, scale, int(_attr(dq, "block_size", 0)) or None, block)
+    del q, scale
+    g.initializer.extend(tensors)
+    scan = helper.make_node("DequantizeLinear", [t.name for t in tensors], [f"{PREFIX}.int4.w"],
+                            name=f"{PREFIX}.int4.dq", axis=0, block_size=block)
+    g.node.insert(next(i for i, n in enumerate(g.node) if n is mm), scan)
+    mm.input[1] = scan.output[0]
+    return True
+
+
+def _int4_copy(q: np.ndarray, scale: np.ndarray, int8_block: int | None, block: int) -> list:
+    """TensorProtos of symmetric int4 in blocks of ``block`` along K of the int8 weights ``q``
+    [K, N] (``scale`` [N] per channel, or [K / int8_block, N]), one block of rows at a time: the
+    fp32 values of a 49152-wide table would be 113 MB at once, at the session's first open. A
+    block of rows is contiguous in the row-major [K, N] tensor (N even: no byte holds two blocks'
+    values), so the blocks' packed bytes, concatenated, are the whole tensor's."""
+    from onnx import TensorProto, numpy_helper
+
+    k, n = q.shape
+    packed, scales = [], []
+    for r in range(0, k, block):
+        part = q[r:r + block].astype(np.float32) * _int8_scales(scale, int8_block, r, block)
+        qw = to_tensors(quantize_blocked(part, block), f"{PREFIX}.int4")
+        packed.append(qw[0].raw_data)
+        scales.append(numpy_helper.to_array(qw[1]))
+    weight = TensorProto(name=f"{PREFIX}.int4_quantized", dims=[k, n], data_type=TensorProto.INT4,
+                         raw_data=b"".join(packed))
+    return [weight, numpy_helper.from_array(np.concatenate(scales), f"{PREFIX}.int4_scale")]
+
+
+def _int8_scales(scale: np.ndarray, int8_block: int | None, r: int, rows: int) -> np.ndarray:
+    """The scales of rows ``r .. r + rows`` of an int8 weight: per channel ``[N]``, else ``[rows, N]``
+    from its blocks of ``int8_block`` rows (``[K / int8_block, N]``)."""
+    if not int8_block:
+        return scale
+    first, last = r // int8_block, (r + rows - 1) // int8_block
+    return np.repeat(scale[first:last + 1], int8_block, axis=0)[r - first * int8_block:][:rows]
 
 
 def _all_zero(tensor) -> bool:
@@ -108,4 +180,4 @@ def rescore_int8_head(model, k: int = RESCORE_K) -> bool:
     return True
 
 
-__all__ = ["PREFIX", "RESCORE_K", "rescore_int8_head"]
+__all__ = ["PREFIX", "RESCORE_K", "SCAN_RESCORE_K", "int4_head_scan", "rescore_int8_head"]

@@ -37,13 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from ...quantize.schemes import HEAD_SCAN_BLOCK, OrtKernelForm
 from ...trt_engines.lowering import (
     MIN_NATIVE_OPSET, LoweringOptions, _drop_unused, count_fused_nodes, default_opset, lower_model,
 )
 from .ort_attention import attention_3d, fuse_attention
 from .ort_gqa import attention_fill, attention_to_gqa, kv_layout
 from .ort_graph import _attr, _Graph, _remove_dead_nodes, _splice, readers, unshared_name
-from .ort_head import RESCORE_K, rescore_int8_head
+from .ort_head import RESCORE_K, SCAN_RESCORE_K, int4_head_scan, rescore_int8_head
 from .ort_pack import (
     PACK_MIN,
     drop_zero_int8_zero_points,
@@ -75,6 +76,7 @@ class OrtLoweringReport:
     attention_fill: float | None = None  # the padding bias' fill value the session feeds (shared-buffer)
     logits_index: bool = False         # the lm head reads only the positions fed in LOGITS_INDEX
     head_rescored: int = 0             # int8 head: top-k logits per position recomputed in fp32 (ort_head)
+    head_scan: str = ""                # the rescored head's candidates found by an int4 copy (ort_head)
     row_gathers: int = 0               # column gathers from a quantized head's tensors -> rows of a transposed copy
     nodes_before: int = 0
     nodes_after: int = 0
@@ -101,6 +103,7 @@ class OrtLoweringReport:
             **({"attention_fill": self.attention_fill} if self.attention_fill is not None else {}),
             f"lm head on the positions in input {LOGITS_INDEX!r} only": self.logits_index,
             "int8 lm head: top-k logits per position recomputed with fp32 activations (k)": self.head_rescored,
+            **({"int8 lm head: candidates found by an int4 copy of it": self.head_scan} if self.head_scan else {}),
             "column gathers from the quantized head's tensors read rows of a transposed copy": self.row_gathers,
             "graph_nodes": f"{self.nodes_before} -> {self.nodes_after} (function bodies counted inlined)",
             **({"notes": self.notes} if self.notes else {}),
@@ -121,12 +124,13 @@ def _inlined_node_count(model) -> int:
 
 def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified_layer_norm: bool = True,
                   pack_matmuls: bool = True, group_query_attention: bool = True, rescore_head: bool = True,
-                  weights_dir=None, int8_block: int = 32):
+                  weights_dir=None, form: OrtKernelForm = OrtKernelForm()):
     """Return ``(rewritten copy, OrtLoweringReport)``; ``model`` is not modified.
 
     ``weights_dir``: where the model's external weights lie (quantized projections are packed
-    from their values; without it they stay as they are). ``int8_block``: the kernel block of
-    per-channel int8 weights (:func:`.ort_pack.int8_kernel_blocks`; 32 = ONNX Runtime's own)."""
+    from their values; without it they stay as they are). ``form``: the kernel form of the
+    quantized weights (the int8 kernel block, :func:`.ort_pack.int8_kernel_blocks`; the bits of
+    an int8 head's candidate search, :func:`.ort_head.int4_head_scan`)."""
     report = OrtLoweringReport(nodes_before=_inlined_node_count(model))
     counts = count_fused_nodes(model)
     out, _routes = lower_model(model, LoweringOptions(max_context=int(max_context), rms_norm_native=True))
@@ -147,8 +151,8 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.packed_matmuls = _pack_matmuls(out)
         if readable:
             report.zero_points_dropped = drop_zero_int8_zero_points(out, weights_dir)
-            widened = int8_kernel_blocks(out, weights_dir, int(int8_block))
-            report.int8_kernel_block = f"{widened} @ {int8_block}" if widened else ""
+            widened = int8_kernel_blocks(out, weights_dir, form.int8_block)
+            report.int8_kernel_block = f"{widened} @ {form.int8_block}" if widened else ""
             report.quantized_row_gathers = gather_quantized_rows(out, weights_dir)
             report.packed_quantized = pack_quantized_matmuls(out, weights_dir)
     if attention and group_query_attention and report.attention:
@@ -159,11 +163,14 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.kv_layout = kv_layout(out)
         report.attention_fill = attention_fill(out)
     report.logits_index = _logits_index(out)
-    if rescore_head and rescore_int8_head(out, RESCORE_K):
-        report.head_rescored = RESCORE_K
+    k = SCAN_RESCORE_K if form.head_scan_bits == 4 else RESCORE_K
+    if rescore_head and rescore_int8_head(out, k):
+        report.head_rescored = k
         report.unshared_quantized += _unshare_quantized_weights(out)  # an untied head's DQ now shares q
     if pack_matmuls and readable:
         report.row_gathers = transposed_gathers(out, weights_dir)
+    if report.head_rescored and form.head_scan_bits == 4 and readable:
+        report.head_scan = f"int4 in blocks of {HEAD_SCAN_BLOCK}" if int4_head_scan(out, weights_dir, HEAD_SCAN_BLOCK) else ""
     _remove_dead_nodes(out)
     _drop_unused(out)
     _drop_unread_inputs(out)

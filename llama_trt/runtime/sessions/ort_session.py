@@ -28,9 +28,12 @@ to keep quiet; ``target_warning`` holds the text).
 ``trim_memory`` (default on): glibc returns the memory ORT frees while it opens the session
 (:mod:`.malloc_trim`; SmolLM2 int8 peak RSS 398 -> 318 MiB).
 
-``int8_block`` (default: the export's ``quantization.ort_kernel.int8_block``, else 32): the block
-ONNX Runtime's int8 kernel rounds activations in for per-channel int8 weights
-(:func:`.ort_pack.int8_kernel_blocks`; chosen by the export's certificate).
+The quantized weights' kernel form (:class:`~llama_trt.quantize.schemes.OrtKernelForm`) is the
+one the export's certificate chose (``quantization.ort_kernel`` in its manifest; defaults for
+exports without one). ``int8_block`` overrides the block ONNX Runtime's int8 kernel rounds
+activations in for per-channel int8 weights (:func:`.ort_pack.int8_kernel_blocks`);
+``head_scan_bits`` the weights an int8 lm head's candidates are found with
+(:func:`.ort_head.int4_head_scan`).
 
 ``allow_spinning=False`` makes ORT's intra-op workers sleep instead of spin-waiting: slower on
 an idle machine, much faster on a busy, shared one (benchmarks/RESULTS.md, "Runtime (CPU)").
@@ -44,6 +47,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +55,7 @@ import numpy as np
 
 from ...config import LlamaConfig
 from ...errors import BackendUnavailableError
-from ...quantize.schemes import INT8_KERNEL_BLOCKS
+from ...quantize.schemes import OrtKernelForm
 from ..artifact import Artifact, ArtifactError
 from .base import Session, physical_cores
 from .malloc_trim import returning_freed_memory
@@ -85,14 +89,17 @@ def cpu_note(onnx_path: Path, device: str) -> str | None:
     return None
 
 
-def export_int8_block(onnx_path: Path) -> int:
-    """The ONNX Runtime kernel block the export's per-channel int8 weights were certified with
-    (``quantization.ort_kernel.int8_block`` in its manifest, chosen by ``quantize/kernel_block.py``),
-    else 32, ONNX Runtime's own."""
+def kernel_form(onnx_path: Path, **overrides) -> OrtKernelForm:
+    """The kernel form the export was certified with (``quantization.ort_kernel`` in its
+    manifest, chosen by ``quantize/kernel_block.py``; defaults where it records none), with the
+    ``overrides`` that are not None. A value the session cannot run raises ArtifactError."""
     quant = _manifest(onnx_path).get("quantization")
-    kernel = quant.get("ort_kernel") if isinstance(quant, dict) else None
-    block = kernel.get("int8_block") if isinstance(kernel, dict) else None
-    return int(block) if isinstance(block, int) and not isinstance(block, bool) else 32
+    try:
+        form = OrtKernelForm.from_record(quant.get("ort_kernel") if isinstance(quant, dict) else None)
+        return replace(form, **{k: int(v) for k, v in overrides.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{e} (the ONNX Runtime kernel forms this session can run); re-export with "
+                            "`llama-trt export --quantize ...`") from None
 
 
 def target_warning(onnx_path: Path, device: str) -> str | None:
@@ -129,7 +136,7 @@ class OrtSession(Session):
                  providers: list[str] | None = None, kv_mode: str = "prealloc", fused_ops: bool | None = None,
                  allow_spinning: bool = True, cache_dir: Path | None = None, cache: bool = True,
                  warn: bool = True, nbits_accuracy_level: int = 4, trim_memory: bool = True,
-                 int8_block: int | None = None, **_ignored) -> None:
+                 int8_block: int | None = None, head_scan_bits: int | None = None, **_ignored) -> None:
         super().__init__(config, max_context)
         try:
             import onnxruntime as ort
@@ -162,11 +169,8 @@ class OrtSession(Session):
         # the fused kernels are verified on CPU only: default on there, opt-in elsewhere
         if fused_ops is None:
             fused_ops = providers == ["CPUExecutionProvider"]
-        self.int8_block = int(int8_block if int8_block is not None else export_int8_block(self.onnx_path))
-        if self.int8_block not in INT8_KERNEL_BLOCKS:
-            raise ArtifactError(f"int8 kernel block {self.int8_block} is not one of {INT8_KERNEL_BLOCKS} "
-                                "(ONNX Runtime's 8-bit MatMulNBits); re-export with "
-                                "`llama-trt export --quantize int8-weight`")
+        self.kernel_form = kernel_form(self.onnx_path, int8_block=int8_block, head_scan_bits=head_scan_bits)
+        self.int8_block = self.kernel_form.int8_block
         self.graph = self._session_graph(max_context, fused_ops, cache_dir, cache)
         self.fused_ops = self.graph.fused
         self.fused_ops_report = self.graph.report
@@ -200,7 +204,7 @@ class OrtSession(Session):
         (made once per export, then read from the cache: see :mod:`.ort_cache`)."""
         try:
             return session_graph(self.onnx_path, max(int(max_context), self.config.max_position_embeddings),
-                                 fused=fused_ops, cache_dir=cache_dir, use_cache=cache, int8_block=self.int8_block)
+                                 fused=fused_ops, cache_dir=cache_dir, use_cache=cache, form=self.kernel_form)
         except ImportError as e:
             raise BackendUnavailableError(f"{e}: the ONNX Runtime session needs the onnx package "
                                           "(pip install onnx)") from None
@@ -356,6 +360,7 @@ class OrtSession(Session):
             "enable_cpu_mem_arena": so.enable_cpu_mem_arena,
             "intra_op_allow_spinning": self.allow_spinning,
             "int8_kernel_block": self.int8_block,
+            "head_scan_bits": self.kernel_form.head_scan_bits,
             "fused_ops": self.fused_ops,
             "fused_ops_rewrite": self.fused_ops_report,
             "graph_cache": (f"{'read from' if self.graph.from_cache else 'written to'} {self.graph.cache_file}"
