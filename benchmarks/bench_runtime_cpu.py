@@ -324,7 +324,8 @@ def ratios(summary: dict[str, dict]) -> dict[str, float]:
     over minutes moves both samples of a pair together."""
     pairs = [("ours_fp32", "genai_fp32"), ("ours_int8_weight", "genai_int8"), ("ours_int8_weight_headfloat", "genai_int8"),
              ("ours_int8_weight_block32", "genai_int8"), ("ours_int8_weight", "ours_int8_weight_block32"),
-             ("ours_int4", "genai_int4"), ("ours_int4_head4", "genai_int4"),
+             ("ours_int4", "genai_int4"), ("ours_int4_head4", "genai_int4"), ("ours_int4_scan8", "genai_int4"),
+             ("ours_int4", "ours_int4_scan8"),
              ("ours_fp32", "transformers_eager_fp32")]
     out = {}
     for a, b in pairs:
