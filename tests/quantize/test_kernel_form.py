@@ -56,23 +56,28 @@ def test_wider_blocks_are_the_same_weights(int8):
         assert np.abs(wide - plain).max() < 1e-5, (block, np.abs(wide - plain).max())
 
 
-def test_onnx_runtime_fuses_the_wider_blocks(int8, tmp_path):
+def _kernels(folder, tmp_path, **kw):
+    """(K, N, bits, block) of every MatMulNBits in ONNX Runtime's optimized session graph."""
     import onnxruntime as ort
 
-    session = _session(int8, int8_block=64)
+    session = _session(folder, **kw)
     try:
-        report = session.describe()["fused_ops_rewrite"]
-        assert report["per-channel int8 weights in kernel blocks (count @ block)"] == "14 @ 64"  # 2 layers x 7
+        report = session.describe()
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(int8))
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         ort.InferenceSession(session.graph.model_bytes, so, providers=["CPUExecutionProvider"])
     finally:
         session.close()
     graph = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
-    kernels = sorted((a["K"], a["N"], a["bits"], a["block_size"]) for a in (
+    return report, sorted((a["K"], a["N"], a["bits"], a["block_size"]) for a in (
         {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute} for n in graph.node
         if n.op_type == "MatMulNBits"))
+
+
+def test_onnx_runtime_fuses_the_wider_blocks(int8, tmp_path):
+    report, kernels = _kernels(int8, tmp_path, int8_block=64)
+    assert report["fused_ops_rewrite"]["per-channel int8 weights in kernel blocks (count @ block)"] == "14 @ 64"
     # per layer: q/k/v packed (64 -> 64 + 32 + 32), o, gate, up, down (96 -> 64, two blocks of 64,
     # the second padded); the lm head (64 -> vocab 128) keeps its real blocks of 32
     assert kernels == sorted([(64, 128, 8, 64), (64, 64, 8, 64), (64, 96, 8, 64), (64, 96, 8, 64),
@@ -220,25 +225,6 @@ def test_int4_head_scan_keeps_the_int8_candidates(int4):
     got = scanned.reshape(want.shape)
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
     assert np.abs(approx - x @ w8).max() > 1e-2  # the int4 copy is not the int8 head: the test can tell them apart
-
-
-def _kernels(folder, tmp_path, **kw):
-    """(K, N, bits, block) of every MatMulNBits in ONNX Runtime's optimized session graph."""
-    import onnxruntime as ort
-
-    session = _session(folder, **kw)
-    try:
-        report = session.describe()
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        ort.InferenceSession(session.graph.model_bytes, so, providers=["CPUExecutionProvider"])
-    finally:
-        session.close()
-    graph = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
-    return report, sorted((a["K"], a["N"], a["bits"], a["block_size"]) for a in (
-        {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute} for n in graph.node
-        if n.op_type == "MatMulNBits"))
 
 
 def test_onnx_runtime_runs_the_head_scan_as_4_bit(int4, tmp_path):
