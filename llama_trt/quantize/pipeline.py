@@ -356,10 +356,10 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
         "activations": None, "sq_alpha": None, "smoothing": None, "calibration": None,
         **record,
         "quantize_embeddings": bool(options.embeddings), "quantize_lm_head": bool(options.lm_head),
-        "lm_head": _head_name(options),
+        "lm_head": options.head_dtype,
         "lm_head_block_size": next((_int8_group(s, options) for s in sites if s.name == "lm_head"), None),
         "embedding": embedding, "quantized": [s.name for s in sites], "excluded": excluded,
-        **({KERNEL_KEY: kernel} if (kernel := initial_record(sch.name, _head_name(options), _kernel_request(options)))
+        **({KERNEL_KEY: kernel} if (kernel := initial_record(sch.name, options.head_dtype, _kernel_request(options)))
            else {}),
         "weight_bytes": facts["weight_bytes"], "library": {"onnxruntime": onnxruntime.__version__},
         "base_model_bytes": base.model_bytes,
@@ -373,10 +373,6 @@ def quantize_folder(base_dir, out_dir, options: QuantizeOptions, *, state_dict=N
     check_exported(out_dir, manifest, ort_smoke=ort_check)
     (out_dir / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
-
-
-def _head_name(options: QuantizeOptions) -> str:
-    return "float" if options.head_bits is None else f"int{options.head_bits}"
 
 
 def _kernel_request(options: QuantizeOptions) -> dict[str, int]:

@@ -46,15 +46,16 @@ HEAD_INT8_BLOCK = 32
 
 #: the blocks the session can give ONNX Runtime's 8-bit ``MatMulNBits`` kernel for a per-channel int8
 #: weight (runtime/sessions/ort_pack.int8_kernel_blocks; ORT's own fusion takes 32; each checked on
-#: x86 ORT 1.32, tests/quantize/test_kernel_block.py)
+#: x86 ORT 1.32, tests/quantize/test_kernel_form.py)
 INT8_KERNEL_BLOCKS = (32, 64, 128)
 #: the weights an ONNX Runtime session finds an int8 lm head's candidates with: 8 = the head itself,
 #: 4 = an int4 copy of it in blocks of :data:`HEAD_SCAN_BLOCK` (runtime/sessions/ort_head.int4_head_scan;
 #: the candidates are rescored from the int8 weights either way)
 HEAD_SCAN_BITS = (4, 8)
-#: the int4 copy's block along K: on SmolLM2 int4-awq (certificate KL 0.267 with the int8 scan), blocks
-#: of 32 gave 0.305, 64 0.319 (misses int4's perplexity gate), 16 0.298; zero points 0.294 but decode
-#: slower; clipping each block to its least-squares range 0.350 (the head's large weights matter)
+#: the int4 copy's block along K: on SmolLM2 int4-awq (certificate KL 0.267 with the int8 scan), with 16
+#: candidates rescored, blocks of 32 gave 0.305, 64 0.319 (misses int4's perplexity gate), 16 0.298;
+#: zero points 0.294 but decode slower; clipping each block to its least-squares range 0.350 (the head's
+#: large weights are the ones that rank tokens). 32 candidates: 0.297 (ort_head.SCAN_RESCORE_K)
 HEAD_SCAN_BLOCK = 32
 
 
@@ -63,7 +64,7 @@ class OrtKernelForm:
     """How an ONNX Runtime CPU session runs an export's quantized weights. The export's file is
     the same either way; the session graph (runtime/sessions/ort_lowering) differs, and so do
     speed and accuracy, so the form is chosen by the export's certificate and recorded in its
-    manifest (``quantization.ort_kernel``; quantize/kernel_block.py)."""
+    manifest (``quantization.ort_kernel``; quantize/kernel_form.py)."""
 
     int8_block: int = 32            # per-channel int8 weights handed to MatMulNBits in blocks of this
     head_scan_bits: int = 8         # an int8 lm head's candidates found with 8- or 4-bit weights
@@ -167,6 +168,11 @@ class QuantizeOptions:
         return self.head_bits is not None
 
     @property
+    def head_dtype(self) -> str:
+        """What the manifest's ``lm_head`` says: "float", "int8" or "int4"."""
+        return "float" if self.head_bits is None else f"int{self.head_bits}"
+
+    @property
     def head_bits(self) -> int | None:
         """None: float. Default: int8 in blocks of 32 along K for the weight-only schemes (a 135M
         model's tied table is 40% of its weights, and the fp32 head doubled int8-weight's bytes per
@@ -245,9 +251,8 @@ def _head_scan_bits(options: QuantizeOptions, value) -> int | None:
     if value is None or value == "auto":
         return None
     if options.scheme.weight_bits != 4 or options.head_bits != 8:
-        head = "float" if options.head_bits is None else f"int{options.head_bits}"
         raise ExportError(f"--head-scan-bits applies to int4 schemes with the lm head int8 (their default), "
-                          f"not {options.name} with the head {head}")
+                          f"not {options.name} with the head {options.head_dtype}")
     bits = int(value) if str(value).isdigit() else None
     if bits not in HEAD_SCAN_BITS:
         raise ExportError(f"--head-scan-bits must be auto or one of {', '.join(map(str, HEAD_SCAN_BITS))}, got {value!r}")
@@ -255,7 +260,7 @@ def _head_scan_bits(options: QuantizeOptions, value) -> int | None:
 
 
 def _kernel_block(sch: Scheme, value) -> int | None:
-    """``--int8-kernel-block``: None / "auto" = chosen by the certificate (quantize/kernel_block.py)."""
+    """``--int8-kernel-block``: None / "auto" = chosen by the certificate (quantize/kernel_form.py)."""
     if value is None or value == "auto":
         return None
     if sch.name != "int8-weight":
@@ -271,6 +276,5 @@ def _kernel_block(sch: Scheme, value) -> int | None:
     return block
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "HEAD_SCAN_BITS", "HEAD_SCAN_BLOCK", "INT8_KERNEL_BLOCKS",
-           "OrtKernelForm", "QuantizeOptions",
-           "SCHEMES", "SCHEME_NAMES", "Scheme", "parse_options"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "HEAD_SCAN_BITS", "HEAD_SCAN_BLOCK",
+           "INT8_KERNEL_BLOCKS", "OrtKernelForm", "QuantizeOptions", "SCHEMES", "SCHEME_NAMES", "Scheme", "parse_options"]

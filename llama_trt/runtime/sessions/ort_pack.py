@@ -93,7 +93,7 @@ def int8_kernel_blocks(model, weights_dir: Path | None, block: int) -> int:
     blocks read half or a quarter of the scales and do fewer int32 -> float conversions (SmolLM2
     int8-weight, decode on 2 threads: +3-7% at 64) at a coarser activation rounding (its
     certificate: KL 0.0033 -> 0.0039). Which block an export runs with is chosen when it is
-    quantized, by its own accuracy certificate (``quantize/kernel_block.py``). Zero points (left
+    quantized, by its own accuracy certificate (``quantize/kernel_form.py``). Zero points (left
     only where they are non-zero) keep a DQ as it is. Returns how many DQs were rewritten."""
     from onnx import TensorProto, helper, numpy_helper
 

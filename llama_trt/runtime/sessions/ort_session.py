@@ -91,7 +91,7 @@ def cpu_note(onnx_path: Path, device: str) -> str | None:
 
 def kernel_form(onnx_path: Path, **overrides) -> OrtKernelForm:
     """The kernel form the export was certified with (``quantization.ort_kernel`` in its
-    manifest, chosen by ``quantize/kernel_block.py``; defaults where it records none), with the
+    manifest, chosen by ``quantize/kernel_form.py``; defaults where it records none), with the
     ``overrides`` that are not None. A value the session cannot run raises ArtifactError."""
     quant = _manifest(onnx_path).get("quantization")
     try:
