@@ -253,10 +253,7 @@ def _head_scan_bits(options: QuantizeOptions, value) -> int | None:
     if options.scheme.weight_bits != 4 or options.head_bits != 8:
         raise ExportError(f"--head-scan-bits applies to int4 schemes with the lm head int8 (their default), "
                           f"not {options.name} with the head {options.head_dtype}")
-    bits = int(value) if str(value).isdigit() else None
-    if bits not in HEAD_SCAN_BITS:
-        raise ExportError(f"--head-scan-bits must be auto or one of {', '.join(map(str, HEAD_SCAN_BITS))}, got {value!r}")
-    return bits
+    return _one_of("--head-scan-bits", value, HEAD_SCAN_BITS)
 
 
 def _kernel_block(sch: Scheme, value) -> int | None:
@@ -266,14 +263,18 @@ def _kernel_block(sch: Scheme, value) -> int | None:
     if sch.name != "int8-weight":
         raise ExportError(f"--int8-kernel-block applies to --quantize int8-weight (its per-channel int8 weights), "
                           f"not {sch.name}")
+    return _one_of("--int8-kernel-block", value, INT8_KERNEL_BLOCKS)
+
+
+def _one_of(option: str, value, allowed: tuple[int, ...]) -> int:
+    """A kernel-form option's value as an int from ``allowed`` (its other value, auto, handled by the caller)."""
     try:
-        block = int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        block = None
-    if block not in INT8_KERNEL_BLOCKS:
-        raise ExportError(f"--int8-kernel-block must be auto or one of {', '.join(map(str, INT8_KERNEL_BLOCKS))}, "
-                          f"got {value!r}")
-    return block
+        number = None
+    if number not in allowed:
+        raise ExportError(f"{option} must be auto or one of {', '.join(map(str, allowed))}, got {value!r}")
+    return number
 
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "HEAD_SCAN_BITS", "HEAD_SCAN_BLOCK",

@@ -121,9 +121,9 @@ def _int4_copy(q: np.ndarray, scale: np.ndarray, int8_block: int | None, block: 
     packed, scales = [], []
     for r in range(0, k, block):
         part = q[r:r + block].astype(np.float32) * _int8_scales(scale, int8_block, r, block)
-        qw = to_tensors(quantize_blocked(part, block), f"{PREFIX}.int4")
-        packed.append(qw[0].raw_data)
-        scales.append(numpy_helper.to_array(qw[1]))
+        qw = quantize_blocked(part, block)
+        packed.append(to_tensors(qw, f"{PREFIX}.int4")[0].raw_data)  # onnx packs two int4 to a byte
+        scales.append(qw.scale)
     weight = TensorProto(name=f"{PREFIX}.int4_quantized", dims=[k, n], data_type=TensorProto.INT4,
                          raw_data=b"".join(packed))
     return [weight, numpy_helper.from_array(np.concatenate(scales), f"{PREFIX}.int4_scale")]

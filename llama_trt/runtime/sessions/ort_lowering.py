@@ -163,13 +163,14 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.kv_layout = kv_layout(out)
         report.attention_fill = attention_fill(out)
     report.logits_index = _logits_index(out)
-    k = SCAN_RESCORE_K if form.head_scan_bits == 4 else RESCORE_K
+    scan = form.head_scan_bits == 4 and readable  # the int4 copy is made from the int8 head's values
+    k = SCAN_RESCORE_K if scan else RESCORE_K
     if rescore_head and rescore_int8_head(out, k):
         report.head_rescored = k
         report.unshared_quantized += _unshare_quantized_weights(out)  # an untied head's DQ now shares q
     if pack_matmuls and readable:
         report.row_gathers = transposed_gathers(out, weights_dir)
-    if report.head_rescored and form.head_scan_bits == 4 and readable:
+    if report.head_rescored and scan:
         report.head_scan = f"int4 in blocks of {HEAD_SCAN_BLOCK}" if int4_head_scan(out, weights_dir, HEAD_SCAN_BLOCK) else ""
     _remove_dead_nodes(out)
     _drop_unused(out)

@@ -170,7 +170,6 @@ class OrtSession(Session):
         if fused_ops is None:
             fused_ops = providers == ["CPUExecutionProvider"]
         self.kernel_form = kernel_form(self.onnx_path, int8_block=int8_block, head_scan_bits=head_scan_bits)
-        self.int8_block = self.kernel_form.int8_block
         self.graph = self._session_graph(max_context, fused_ops, cache_dir, cache)
         self.fused_ops = self.graph.fused
         self.fused_ops_report = self.graph.report
@@ -198,6 +197,10 @@ class OrtSession(Session):
         self.target_warning = target_warning(self.onnx_path, self.device)
         if self.target_warning and warn:
             print(f"warning: {self.target_warning}", file=sys.stderr)
+
+    @property
+    def int8_block(self) -> int:
+        return self.kernel_form.int8_block
 
     def _session_graph(self, max_context: int, fused_ops: bool, cache_dir, cache: bool) -> SessionGraph:
         """The graph to load: the export's, weights left on disk, rewritten when ``fused_ops``
