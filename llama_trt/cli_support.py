@@ -21,7 +21,9 @@ from pathlib import Path
 
 import click
 
+from . import termination
 from .errors import LlamaTrtError
+from .termination import Terminated
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 BACKEND_HELP = "auto (engine -> tensorrt, export -> onnxruntime, checkpoint -> torch), tensorrt, onnxruntime, torch"
@@ -116,14 +118,6 @@ def friendly_errors(fn):
     return wrapper
 
 
-class Terminated(SystemExit):
-    """SIGTERM, raised in the main thread so ``finally`` blocks clean up temporary folders."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated(128 + signal.SIGTERM)
-
-
 class Cli(click.Group):
     """The top-level group: click's usage errors in our one-line style (exit 2), and SIGTERM
     turned into an exception so an interrupted export or build removes its temporary folder."""
@@ -131,13 +125,10 @@ class Cli(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        previous = None
-        try:
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread
-            pass
+        installed = termination.install()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            termination.raise_if_terminated()
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             click.echo(f"error: {e.format_message()}{hint}", err=True)
@@ -152,8 +143,8 @@ class Cli(click.Group):
             click.echo("error: terminated (SIGTERM)", err=True)
             sys.exit(e.code)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            if installed is not None and installed[1] is not None:
+                signal.signal(signal.SIGTERM, installed[1])
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import LlamaTrtError
+from .termination import raise_if_terminated
 
 MANIFEST = "manifest.json"
 CHECKPOINT_KIND = "llama_trt.checkpoint"
@@ -93,6 +94,7 @@ def prepare_output(out: Path, *, force: bool, inputs: Iterable[Path] = (), optio
 
 def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished ``tmp`` over ``out`` (the old ``out`` is removed only once the new one is there)."""
+    raise_if_terminated()  # a SIGTERM whose exception Python swallowed must not publish the folder
     out = Path(out)
     old = None
     if out.exists():
