@@ -52,11 +52,15 @@ INT8_KERNEL_BLOCKS = (32, 64, 128)
 #: 4 = an int4 copy of it in blocks of :data:`HEAD_SCAN_BLOCK` (runtime/sessions/ort_head.int4_head_scan;
 #: the candidates are rescored from the int8 weights either way)
 HEAD_SCAN_BITS = (4, 8)
-#: the int4 copy's block along K: on SmolLM2 int4-awq (certificate KL 0.267 with the int8 scan), with 16
-#: candidates rescored, blocks of 32 gave 0.305, 64 0.319 (misses int4's perplexity gate), 16 0.298;
-#: zero points 0.294 but decode slower; clipping each block to its least-squares range 0.350 (the head's
-#: large weights are the ones that rank tokens). 32 candidates: 0.297 (ort_head.SCAN_RESCORE_K)
-HEAD_SCAN_BLOCK = 32
+#: the int4 copy's blocks along K. On SmolLM2 int4-awq (certificate KL 0.267 with the int8 scan):
+#: blocks of 32 with 32 candidates rescored 0.297 / perplexity x1.325 (what exports certified before
+#: the block was recorded used), blocks of 64 with 64 rescored 0.299 / x1.323 and 5% faster decode
+#: (half the scales to read; 16 rescored missed the perplexity gate). Zero points: 0.294 but slower;
+#: clipping each block to its least-squares range 0.350 (the head's large weights rank the tokens).
+#: The number rescored goes with the block: ort_head.SCAN_RESCORE_K.
+HEAD_SCAN_BLOCKS = (32, 64)
+#: the block a new export's int4 scan is certified with
+HEAD_SCAN_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,19 @@ class OrtKernelForm:
 
     int8_block: int = 32            # per-channel int8 weights handed to MatMulNBits in blocks of this
     head_scan_bits: int = 8         # an int8 lm head's candidates found with 8- or 4-bit weights
+    head_scan_block: int = 0        # the 4-bit copy's block along K (0: HEAD_SCAN_BLOCK; none with 8 bits)
 
     def __post_init__(self) -> None:
         if self.int8_block not in INT8_KERNEL_BLOCKS:
             raise ValueError(f"int8 kernel block {self.int8_block} is not one of {INT8_KERNEL_BLOCKS}")
         if self.head_scan_bits not in HEAD_SCAN_BITS:
             raise ValueError(f"head scan bits {self.head_scan_bits} is not one of {HEAD_SCAN_BITS}")
+        if self.head_scan_bits == 8:
+            object.__setattr__(self, "head_scan_block", 0)
+        elif not self.head_scan_block:
+            object.__setattr__(self, "head_scan_block", HEAD_SCAN_BLOCK)
+        elif self.head_scan_block not in HEAD_SCAN_BLOCKS:
+            raise ValueError(f"head scan block {self.head_scan_block} is not one of {HEAD_SCAN_BLOCKS}")
 
     @classmethod
     def from_record(cls, record) -> "OrtKernelForm":
@@ -81,16 +92,19 @@ class OrtKernelForm:
         which is how exports made before a field existed were certified). Bad values raise ValueError."""
         record = record if isinstance(record, dict) else {}
         values = {}
-        for name in ("int8_block", "head_scan_bits"):
+        for name in ("int8_block", "head_scan_bits", "head_scan_block"):
             value = record.get(name)
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"{name} {value!r} is not an integer")
                 values[name] = value
+        if values.get("head_scan_bits") == 4 and "head_scan_block" not in values:
+            values["head_scan_block"] = 32  # recorded before the block was: certified with blocks of 32
         return cls(**values)
 
     def key(self) -> str:
-        return f"int8_block={self.int8_block};head_scan_bits={self.head_scan_bits};"
+        scan = f"head_scan_block={self.head_scan_block};" if self.head_scan_bits == 4 else ""
+        return f"int8_block={self.int8_block};head_scan_bits={self.head_scan_bits};{scan}"
 
 
 @dataclass(frozen=True)
@@ -277,5 +291,5 @@ def _one_of(option: str, value, allowed: tuple[int, ...]) -> int:
     return number
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "HEAD_SCAN_BITS", "HEAD_SCAN_BLOCK",
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_GROUP", "GROUP_SIZES", "HEAD_INT8_BLOCK", "HEAD_SCAN_BITS", "HEAD_SCAN_BLOCK", "HEAD_SCAN_BLOCKS",
            "INT8_KERNEL_BLOCKS", "OrtKernelForm", "QuantizeOptions", "SCHEMES", "SCHEME_NAMES", "Scheme", "parse_options"]

@@ -107,11 +107,27 @@ def test_the_session_opens_with_the_exports_block(int8, tmp_path):
 def test_candidates_run_from_the_fastest_form():
     assert candidates("int8-weight", "int8", {}) == [OrtKernelForm(int8_block=64), OrtKernelForm(int8_block=32)]
     assert candidates("int8-weight", "float", {"int8_block": 128}) == [OrtKernelForm(int8_block=128)]
-    assert candidates("int4-awq", "int8", {}) == [OrtKernelForm(head_scan_bits=4), OrtKernelForm(head_scan_bits=8)]
+    assert candidates("int4-awq", "int8", {}) == [OrtKernelForm(head_scan_bits=4, head_scan_block=64),
+                                                  OrtKernelForm(head_scan_bits=8)]
     assert candidates("int4-rtn", "int8", {"head_scan_bits": 8}) == [OrtKernelForm(head_scan_bits=8)]
     # nothing to choose: an int4 head has no int8 head to scan; int8-sq runs no MatMulNBits
     assert candidates("int4-awq", "int4", {}) == candidates("int4-awq", "float", {}) == []
     assert candidates("int8-sq", "float", {}) == []
+
+
+def test_the_scan_block_a_record_names_or_implies():
+    # exports certified before the block was recorded scanned in blocks of 32
+    assert OrtKernelForm.from_record({"head_scan_bits": 4}).head_scan_block == 32
+    assert OrtKernelForm.from_record({"head_scan_bits": 4, "head_scan_block": 64}).head_scan_block == 64
+    assert OrtKernelForm(head_scan_bits=4).head_scan_block == 64  # a new scan
+    assert OrtKernelForm.from_record({"head_scan_bits": 8, "head_scan_block": 64}) == OrtKernelForm()  # no copy
+    assert OrtKernelForm.from_record({}) == OrtKernelForm(head_scan_bits=8)
+    forms = [OrtKernelForm(head_scan_bits=4, head_scan_block=b) for b in (32, 64)] + [OrtKernelForm()]
+    assert len({f.key() for f in forms}) == 3  # each its own cached session graph
+    with pytest.raises(ValueError, match="head scan block 48 is not one of"):
+        OrtKernelForm.from_record({"head_scan_bits": 4, "head_scan_block": 48})
+    with pytest.raises(ValueError, match="is not an integer"):
+        OrtKernelForm.from_record({"head_scan_bits": 4, "head_scan_block": "64"})
 
 
 @pytest.mark.parametrize("scheme, kw, field, fast", [("int8-weight", {}, "int8_block", 64),
@@ -206,20 +222,20 @@ def _int4_of(w, block=32):
     return (np.clip(np.rint(b / s), -8, 7) * s).reshape(k, n)
 
 
-def test_int4_head_scan_keeps_the_int8_candidates(int4):
+@pytest.mark.parametrize("block, rescored", [(32, 32), (64, 64)])
+def test_int4_head_scan_keeps_the_int8_candidates(int4, block, rescored):
     """At accuracy level 1 (fp32 activations: the graph's own arithmetic) the logits with the int8
-    head are x @ W8, from which the head's input x is solved back; with the int4 scan the session's
-    32 best-ranked logits per position must be x @ W8 and the other 96 (of vocab 128) x @ W4."""
-    from llama_trt.runtime.sessions.ort_head import SCAN_RESCORE_K
-
+    head are x @ W8, from which the head's input x is solved back; with the int4 scan in blocks of
+    ``block`` the session's ``rescored`` best-ranked logits per position must be x @ W8 and the
+    others (of vocab 128) x @ W4."""
     ids = np.random.default_rng(1).integers(0, 128, (2, 10)).astype(np.int64)
     w8 = _int8_head(int4)
     exact = _logits(int4, ids, nbits_accuracy_level=1, head_scan_bits=8)
-    scanned = _logits(int4, ids, nbits_accuracy_level=1, head_scan_bits=4)
+    scanned = _logits(int4, ids, nbits_accuracy_level=1, head_scan_bits=4, head_scan_block=block)
     x = np.linalg.lstsq(w8.T, exact.reshape(-1, w8.shape[1]).T, rcond=None)[0].T   # [positions, H]
     assert np.abs(x @ w8 - exact.reshape(x.shape[0], -1)).max() < 1e-4
-    approx = x @ _int4_of(w8)
-    top = np.argsort(-approx, axis=1)[:, :SCAN_RESCORE_K]
+    approx = x @ _int4_of(w8, block)
+    top = np.argsort(-approx, axis=1)[:, :rescored]
     want = approx.copy()
     np.put_along_axis(want, top, np.take_along_axis(x @ w8, top, axis=1), axis=1)
     got = scanned.reshape(want.shape)
@@ -229,9 +245,10 @@ def test_int4_head_scan_keeps_the_int8_candidates(int4):
 
 def test_onnx_runtime_runs_the_head_scan_as_4_bit(int4, tmp_path):
     report, scanned = _kernels(int4, tmp_path, head_scan_bits=4)
-    assert report["head_scan_bits"] == 4
-    assert report["fused_ops_rewrite"]["int8 lm head: candidates found by an int4 copy of it"] == "int4 in blocks of 32"
+    assert report["head_scan_bits"] == 4 and report["head_scan_block"] == 64
+    assert report["fused_ops_rewrite"]["int8 lm head: candidates found by an int4 copy of it"] == \
+        "int4 in blocks of 64, 64 rescored"
     _, plain = _kernels(int4, tmp_path, head_scan_bits=8)
-    # the layers' kernels are the same; the head (K 64 -> vocab 128) goes from 8 to 4 bits
-    assert sorted(set(plain) - set(scanned)) == [(64, 128, 8, 32)] and (64, 128, 4, 32) in scanned
+    # the layers' kernels are the same; the head (K 64 -> vocab 128) goes from 8 bits to 4 in blocks of 64
+    assert sorted(set(plain) - set(scanned)) == [(64, 128, 8, 32)] and (64, 128, 4, 64) in scanned
     assert len(plain) == len(scanned) and {k[2] for k in scanned} == {4}

@@ -36,10 +36,12 @@ from .ort_pack import _initializer_array
 
 #: logits per position recomputed in fp32 (the certificate's top-1 needs the first; KL gains from a few more)
 RESCORE_K = 16
-#: ... when an int4 copy found them (:func:`int4_head_scan`), whose error reaches further down the ranking
-#: (SmolLM2 int4-awq: KL 0.305 / perplexity x1.336 with 16, 0.297 / x1.325 with 32, 0.290 / x1.311 with 64;
-#: the int8 scan 0.267 / x1.276)
-SCAN_RESCORE_K = 32
+#: ... when an int4 copy in blocks of 32 / 64 along K found them (:func:`int4_head_scan`), whose error
+#: reaches further down the ranking. SmolLM2 int4-awq (the int8 scan: KL 0.267 / perplexity x1.276):
+#: blocks of 32 0.305 / x1.336 with 16, 0.297 / x1.325 with 32, 0.290 / x1.311 with 64; blocks of 64
+#: 0.319 with 16 (misses the perplexity gate), 0.307 / x1.344 with 32, 0.302 / x1.331 with 48,
+#: 0.299 / x1.323 with 64. A candidate costs little (a row of 576 int8); the blocks' scales cost more.
+SCAN_RESCORE_K = {32: 32, 64: 64}
 PREFIX = "llama_trt.head_rescore"
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ...quantize.schemes import HEAD_SCAN_BLOCK, OrtKernelForm
+from ...quantize.schemes import OrtKernelForm
 from ...trt_engines.lowering import (
     MIN_NATIVE_OPSET, LoweringOptions, _drop_unused, count_fused_nodes, default_opset, lower_model,
 )
@@ -164,14 +164,15 @@ def lower_for_ort(model, max_context: int, *, attention: bool = True, simplified
         report.attention_fill = attention_fill(out)
     report.logits_index = _logits_index(out)
     scan = form.head_scan_bits == 4 and readable  # the int4 copy is made from the int8 head's values
-    k = SCAN_RESCORE_K if scan else RESCORE_K
+    k = SCAN_RESCORE_K[form.head_scan_block] if scan else RESCORE_K
     if rescore_head and rescore_int8_head(out, k):
         report.head_rescored = k
         report.unshared_quantized += _unshare_quantized_weights(out)  # an untied head's DQ now shares q
     if pack_matmuls and readable:
         report.row_gathers = transposed_gathers(out, weights_dir)
     if report.head_rescored and scan:
-        report.head_scan = f"int4 in blocks of {HEAD_SCAN_BLOCK}" if int4_head_scan(out, weights_dir, HEAD_SCAN_BLOCK) else ""
+        block = form.head_scan_block
+        report.head_scan = f"int4 in blocks of {block}, {k} rescored" if int4_head_scan(out, weights_dir, block) else ""
     _remove_dead_nodes(out)
     _drop_unused(out)
     _drop_unread_inputs(out)

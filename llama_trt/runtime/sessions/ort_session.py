@@ -32,7 +32,7 @@ The quantized weights' kernel form (:class:`~llama_trt.quantize.schemes.OrtKerne
 one the export's certificate chose (``quantization.ort_kernel`` in its manifest; defaults for
 exports without one). ``int8_block`` overrides the block ONNX Runtime's int8 kernel rounds
 activations in for per-channel int8 weights (:func:`.ort_pack.int8_kernel_blocks`);
-``head_scan_bits`` the weights an int8 lm head's candidates are found with
+``head_scan_bits`` / ``head_scan_block`` the weights an int8 lm head's candidates are found with
 (:func:`.ort_head.int4_head_scan`).
 
 ``allow_spinning=False`` makes ORT's intra-op workers sleep instead of spin-waiting: slower on
@@ -136,7 +136,8 @@ class OrtSession(Session):
                  providers: list[str] | None = None, kv_mode: str = "prealloc", fused_ops: bool | None = None,
                  allow_spinning: bool = True, cache_dir: Path | None = None, cache: bool = True,
                  warn: bool = True, nbits_accuracy_level: int = 4, trim_memory: bool = True,
-                 int8_block: int | None = None, head_scan_bits: int | None = None, **_ignored) -> None:
+                 int8_block: int | None = None, head_scan_bits: int | None = None,
+                 head_scan_block: int | None = None, **_ignored) -> None:
         super().__init__(config, max_context)
         try:
             import onnxruntime as ort
@@ -169,7 +170,8 @@ class OrtSession(Session):
         # the fused kernels are verified on CPU only: default on there, opt-in elsewhere
         if fused_ops is None:
             fused_ops = providers == ["CPUExecutionProvider"]
-        self.kernel_form = kernel_form(self.onnx_path, int8_block=int8_block, head_scan_bits=head_scan_bits)
+        self.kernel_form = kernel_form(self.onnx_path, int8_block=int8_block, head_scan_bits=head_scan_bits,
+                                       head_scan_block=head_scan_block)
         self.graph = self._session_graph(max_context, fused_ops, cache_dir, cache)
         self.fused_ops = self.graph.fused
         self.fused_ops_report = self.graph.report
@@ -364,6 +366,7 @@ class OrtSession(Session):
             "intra_op_allow_spinning": self.allow_spinning,
             "int8_kernel_block": self.int8_block,
             "head_scan_bits": self.kernel_form.head_scan_bits,
+            "head_scan_block": self.kernel_form.head_scan_block,
             "fused_ops": self.fused_ops,
             "fused_ops_rewrite": self.fused_ops_report,
             "graph_cache": (f"{'read from' if self.graph.from_cache else 'written to'} {self.graph.cache_file}"
