@@ -59,6 +59,17 @@ def test_int4_tied_head_rows_equal_the_dequantized_model(quantized, tmp_path):
     ids = np.random.default_rng(1).integers(0, 128, (2, 9)).astype(np.int64)
     got, desc = _logits(folder, ids)
     assert desc["fused_ops_rewrite"]["embedding rows gathered from the int4 table (GatherBlockQuantized)"] == 1
+    # the form ONNX Runtime 1.22 (setup.py's minimum) loads: 4 bits by the data's type, no `bits`
+    # attribute (1.22 refuses it: checked against onnxruntime 1.22.0, 1.30.0 and 1.32.0 wheels)
+    from llama_trt.runtime import open_session, resolve_artifact
+
+    session = open_session(resolve_artifact(folder), "onnxruntime", threads=1)
+    try:
+        graph = onnx.ModelProto.FromString(session.graph.model_bytes).graph
+    finally:
+        session.close()
+    lookups = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookups) == 1 and "bits" not in {a.name for a in lookups[0].attribute}, lookups
     want, _ = _logits(_dequantized_copy(folder, tmp_path / "dq"), ids)
     assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
 

@@ -161,9 +161,11 @@ def gather_quantized_rows(model, weights_dir: Path | None) -> int:
                 g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr.T), f"{base}.in{k}"))
                 names.append(f"{base}.in{k}")
             inputs = [names[0], gather.input[1], names[1]] + names[2:]
+            # no ``bits`` attribute: 4 is its default for int4 / uint4 data, and ONNX Runtime 1.22 (our
+            # minimum) rejects the attribute ("Unrecognized attribute: bits"; it came with 8-bit data)
             replace[id(gather)] = [helper.make_node(
                 "GatherBlockQuantized", inputs, [tr.output[0]], name=base, domain="com.microsoft",
-                gather_axis=0, quantize_axis=1, block_size=block, bits=4)]
+                gather_axis=0, quantize_axis=1, block_size=block)]
             drop.add(id(tr))
     if replace:
         _splice(g, replace, drop)
