@@ -48,11 +48,13 @@ def export_all(ckpt: Path, out: Path, plans: dict[str, dict], stage) -> dict[str
 
 
 def validate_all(exports: dict[str, Path], ckpt: Path, out: Path, stage, console, *, steps: int,
-                 tolerances: dict[str, dict] | None = None) -> dict:
+                 tolerances: dict[str, dict] | None = None, kernel_forms: bool = False) -> dict:
     """Validate each export against torch fp32 (report JSON + plot); {name: (report, json, png)}.
 
     One :class:`TorchReference` serves every export: the fp32 side (the certificate text's
-    logits above all) runs once, and each report is what a lone ``validate`` gives."""
+    logits above all) runs once, and each report is what a lone ``validate`` gives.
+    ``kernel_forms``: first let a quantized export exported with ``certify=False`` choose its
+    ONNX Runtime kernel form by certificate, as ``llama-trt export`` does by default."""
     from ..validate import validate
     from ..validate.reference import TorchReference
     from ..validate.render import plot_report
@@ -61,6 +63,8 @@ def validate_all(exports: dict[str, Path], ckpt: Path, out: Path, stage, console
     (out / "reports").mkdir(exist_ok=True)
     reference = TorchReference(ckpt)
     for name, path in exports.items():
+        if kernel_forms:
+            _choose_kernel_form(path, reference, lambda m: stage(f"{m} {name}"))
         stage(f"validate {name} against torch fp32 (accuracy certificate over real text)")
         report = validate(path, ckpt, steps=steps, progress=True, tolerances=(tolerances or {}).get(name),
                           run_results_path=out / "reports" / f"{name}.run_results.json", reference=reference)
@@ -71,6 +75,20 @@ def validate_all(exports: dict[str, Path], ckpt: Path, out: Path, stage, console
         console.print(f"{name}: {'pass' if report.passed else 'FAIL'} ({key_metric(report)})")
     reference.release()
     return reports
+
+
+def _choose_kernel_form(path: Path, reference, stage) -> None:
+    """The export's ONNX Runtime kernel form chosen by certificate (``quantize.kernel_form``), if
+    it records a choice not yet made."""
+    from ..exporter import load_manifest
+    from ..quantize.kernel_form import KEY
+    from ..quantize.pipeline import certify_export
+
+    manifest = load_manifest(path)
+    record = (manifest.quantization or {}).get(KEY)
+    if isinstance(record, dict) and not record.get("trials"):
+        stage("choose the ONNX Runtime kernel form by certificate for")
+        certify_export(path, reference.checkpoint, manifest, progress=True, reference=reference)
 
 
 def bench_all(exports: dict[str, Path], *, prompt_len: int, new_tokens: int, runs: int) -> dict[str, float]:

@@ -78,9 +78,10 @@ def _chosen_by(requested: dict[str, int], kept: KernelTrial | None) -> str:
     return "the fastest form whose certificate passes" if kept.passed else "none passed: the most accurate"
 
 
-def certify_kernel_forms(folder: Path, ckpt, manifest, *, progress: bool = False):
+def certify_kernel_forms(folder: Path, ckpt, manifest, *, progress: bool = False, reference=None):
     """Certify ``folder`` at its candidate forms, fastest first, until one passes; keep that one
-    (or the last) in its manifest, returned and written, with its certificate."""
+    (or the last) in its manifest, returned and written, with its certificate. ``reference``: a
+    :class:`~llama_trt.validate.reference.TorchReference` of ``ckpt`` to share (None: one for these trials)."""
     from ..exporter.manifest import MANIFEST_NAME
     from ..validate.reference import reference_for
     from ..validate.teacher_forced import certify
@@ -89,7 +90,7 @@ def certify_kernel_forms(folder: Path, ckpt, manifest, *, progress: bool = False
     record = dict(quant[KEY])
     requested = record.get("requested")
     requested = requested if isinstance(requested, dict) else {} if requested == "auto" else {"int8_block": requested}
-    reference = reference_for(ckpt, None)  # the fp32 logits of the text, computed once for every trial
+    reference = reference_for(ckpt, reference)  # the fp32 logits of the text, computed once for every trial
     trials, cert = [], None
     for form in candidates(quant["scheme"], quant.get("lm_head"), requested):
         cert = certify(folder, ckpt, scheme=quant["scheme"], progress=progress, reference=reference,

@@ -435,14 +435,15 @@ def export_quantized(checkpoint, out_dir, options: QuantizeOptions, *, dtype: st
     return manifest
 
 
-def certify_export(folder: Path, ckpt, manifest, *, progress: bool = False):
-    """Teacher-forced certificate (validate's) of the quantized export, kept in its manifest."""
+def certify_export(folder: Path, ckpt, manifest, *, progress: bool = False, reference=None):
+    """Teacher-forced certificate (validate's) of the quantized export, kept in its manifest
+    (``reference``: a shared TorchReference of ``ckpt``, or None)."""
     from ..exporter.manifest import MANIFEST_NAME
     from ..validate.teacher_forced import certify
 
     if KERNEL_KEY in manifest.quantization:  # ONNX Runtime's kernel form is chosen by certificate
-        return certify_kernel_forms(folder, ckpt, manifest, progress=progress)
-    cert = certify(folder, ckpt, scheme=manifest.quantization["scheme"], progress=progress)
+        return certify_kernel_forms(folder, ckpt, manifest, progress=progress, reference=reference)
+    cert = certify(folder, ckpt, scheme=manifest.quantization["scheme"], progress=progress, reference=reference)
     manifest = replace(manifest, certificate=cert.to_dict())
     (folder / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

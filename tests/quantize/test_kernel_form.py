@@ -252,3 +252,29 @@ def test_onnx_runtime_runs_the_head_scan_as_4_bit(int4, tmp_path):
     # the layers' kernels are the same; the head (K 64 -> vocab 128) goes from 8 bits to 4 in blocks of 64
     assert sorted(set(plain) - set(scanned)) == [(64, 128, 8, 32)] and (64, 128, 4, 64) in scanned
     assert len(plain) == len(scanned) and {k[2] for k in scanned} == {4}
+
+
+def test_the_demo_chooses_the_kernel_form_as_export_does(quantized, tied_ckpt, tmp_path):
+    """The real demo exports with certify=False and certifies in its validate stage; there it first
+    lets the quantized export choose its kernel form (as `llama-trt export` does by default), so the
+    validation, chat and bench see the form a user's export gets, and validate's certificate is the
+    kept trial's."""
+    import io
+
+    from rich.console import Console
+
+    from llama_trt.demo.stages import validate_all
+
+    folder, _ = quantized("int4-awq", certify=False, group_size=32)
+    work = tmp_path / "onnx-int4-awq"
+    shutil.copytree(folder, work)
+    assert json.loads((work / "manifest.json").read_text())["quantization"]["ort_kernel"]["trials"] == []
+    stages = []
+    (tmp_path / "out").mkdir()
+    reports = validate_all({"onnx-int4-awq": work}, tied_ckpt, tmp_path / "out", stages.append,
+                           Console(file=io.StringIO()), steps=4, kernel_forms=True)
+    record = json.loads((work / "manifest.json").read_text())["quantization"]["ort_kernel"]
+    assert [t["head_scan_bits"] for t in record["trials"]] == [4] and record["head_scan_bits"] == 4, record
+    assert any("kernel form" in s for s in stages), stages
+    report = reports["onnx-int4-awq"][0]
+    assert round(report.metric("kl").value, 6) == record["trials"][0]["kl"]
